@@ -1,0 +1,26 @@
+# The single entry point of the pipeline:
+#   download -> pretrain -> extract -> eval_incontext -> table
+# Run `snakemake --cores all` (embedded default), or `--configfile config/<other>.yaml`.
+from snakemake.utils import min_version, validate
+
+min_version("9.19")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/features.smk"
+include: "workflow/rules/eval.smk"
+include: "workflow/rules/tables.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.table.output,

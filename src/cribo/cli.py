@@ -1,0 +1,251 @@
+"""The ``cribo`` command line: parses arguments and calls the library, nothing more.
+
+Subcommands: ``data`` (generate or list datasets), ``config`` (resolve a run config), ``train``,
+``extract``, ``eval incontext`` and ``table``. Errors a user can fix (bad config key, unknown
+dataset, corrupt file) are printed as one ``error:`` line naming the culprit, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _add_common_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, help="dataset name, e.g. toyscenes or voc (`cribo data list`)")
+    p.add_argument("--data-root", required=True, help="folder of the dataset in the Pascal VOC layout")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="evaluation resolution (square); default: the checkpoint's training crop size")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the backbone runs")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cribo",
+        description="CrIBo pipeline: pretrain self-supervised ViTs, extract dense features, "
+                    "evaluate them and build result tables.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # ---- data ----
+    data = sub.add_parser("data", help="generate the embedded dataset or list known datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    toy = data_sub.add_parser("toyscenes", help="generate the embedded toy scene dataset (VOC + COCO layouts)")
+    toy.add_argument("--out", required=True, help="output folder (created atomically)")
+    toy.add_argument("--num-train", type=int, default=2000, help="training images (default 2000)")
+    toy.add_argument("--num-val", type=int, default=200, help="validation images (default 200)")
+    toy.add_argument("--image-size", type=int, default=112, help="image side in pixels (default 112)")
+    toy.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    toy.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    data_sub.add_parser("list", help="list the known dataset names")
+
+    # ---- config ----
+    conf = sub.add_parser("config", help="resolve run configs from a workflow config")
+    conf_sub = conf.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    res = conf_sub.add_parser("resolve", help="write the full, validated config of one run")
+    res.add_argument("--config", required=True, help="workflow config (with 'pretrain' and 'runs')")
+    res.add_argument("--run", required=True, help="run name under 'runs'")
+    res.add_argument("--out", required=True, help="output YAML file")
+    lst = conf_sub.add_parser("runs", help="print the runs of a workflow config with their run ids")
+    lst.add_argument("--config", required=True, help="workflow config")
+
+    # ---- train ----
+    tr = sub.add_parser("train", help="pretrain (resumes from OUTPUT_DIR/checkpoint.pth when present)")
+    tr.add_argument("--config", required=True,
+                    help="run config YAML, or a workflow config together with --run")
+    tr.add_argument("--run", default=None, help="run name, when --config is a workflow config with 'runs'")
+    tr.add_argument("--output-dir", required=True, help="folder for checkpoint.pth, config.yaml, log.txt")
+    tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, dotted key, YAML value (e.g. optim.lr=0.001); repeatable")
+    tr.add_argument("--summary", default=None,
+                    help="also write a JSON summary here once training has finished (the DAG's completion marker)")
+
+    # ---- extract ----
+    ex = sub.add_parser("extract", help="write a frozen backbone's patch features of one split to disk")
+    ex.add_argument("--checkpoint", required=True, help="checkpoint written by `cribo train`")
+    ex.add_argument("--split", required=True, help="split list name, e.g. train, trainaug or val")
+    ex.add_argument("--out", required=True, help="output folder (feature store)")
+    _add_common_eval(ex)
+
+    # ---- eval ----
+    ev = sub.add_parser("eval", help="evaluate a checkpoint with a dense protocol")
+    ev_sub = ev.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
+    ic = ev_sub.add_parser("incontext", help="in-context retrieval (Hummingbird dense nearest neighbours)")
+    ic.add_argument("--checkpoint", required=True, help="checkpoint written by `cribo train`")
+    ic.add_argument("--out", required=True, help="output JSON row (mIoU in percent under 'miou')")
+    ic.add_argument("--train-features", default=None,
+                    help="feature store of the memory split from `cribo extract` (else extracted now)")
+    ic.add_argument("--val-features", default=None,
+                    help="feature store of the query split from `cribo extract` (else extracted now)")
+    ic.add_argument("--k", type=int, default=30, help="neighbours per query patch (default 30)")
+    ic.add_argument("--temperature", type=float, default=0.02,
+                    help="softmax temperature over neighbour similarities (default 0.02)")
+    ic.add_argument("--memory-size", type=int, default=None,
+                    help="memory entries (patches) kept, split evenly over images by rarity; default: all")
+    ic.add_argument("--fraction", type=float, default=1.0, help="fraction of training images in memory (default 1)")
+    ic.add_argument("--seed", type=int, default=0, help="seed of the fraction subset and memory sampling")
+    ic.add_argument("--experiment", default=None, help="experiment name recorded in the row")
+    ic.add_argument("--run-name", default=None, help="run name recorded in the row")
+    _add_common_eval(ic)
+
+    # ---- table ----
+    tb = sub.add_parser("table", help="build results tables (CSV + Markdown) from JSON rows")
+    tb.add_argument("--rows", nargs="+", required=True, help="row files or folders searched recursively")
+    tb.add_argument("--out", required=True, help="output folder, e.g. results/tables")
+    return parser
+
+
+def cmd_data(args) -> None:
+    if args.data_command == "list":
+        from cribo.data.registry import known_datasets
+
+        print("\n".join(known_datasets()))
+        return
+    from cribo.data.toyscenes import generate
+
+    start = time.time()
+    generate(args.out, num_train=args.num_train, num_val=args.num_val, image_size=args.image_size,
+             seed=args.seed, workers=args.workers)
+    print(f"toyscenes written to {args.out} in {time.time() - start:.1f} s")
+
+
+def cmd_config(args) -> None:
+    from cribo.config import load_yaml, resolve_runs, run_id, write_run_config
+
+    runs = resolve_runs(load_yaml(args.config), args.config)
+    if args.config_command == "runs":
+        for name, cfg in runs.items():
+            print(f"{name}\t{run_id(cfg)}\t{cfg['method']}")
+        return
+    if args.run not in runs:
+        raise KeyError(f"run {args.run!r} is not in {args.config}; runs: {', '.join(runs)}")
+    write_run_config(runs[args.run], args.out)
+
+
+def cmd_train(args) -> None:
+    from cribo.config import (ConfigError, apply_overrides, load_yaml, resolve_runs, run_id,
+                              validate_run_config)
+    from cribo.train.engine import train
+
+    raw = load_yaml(args.config)
+    if "runs" in raw:
+        if args.run is None:
+            raise ConfigError(f"{args.config} is a workflow config; pick a run with --run "
+                              f"({', '.join(raw['runs'])})")
+        raw = resolve_runs(raw, args.config)[args.run]
+    elif args.run is not None:
+        raise ConfigError(f"--run given but {args.config} has no 'runs' section")
+    cfg = validate_run_config(apply_overrides(raw, args.overrides), args.config)
+    print(f"run id {run_id(cfg)}: method {cfg['method']}, output {args.output_dir}", flush=True)
+    started = time.time()
+    path = train(cfg, args.output_dir)
+    print(f"checkpoint: {path}")
+    if args.summary:
+        from cribo.config import atomic_write_text
+        from cribo.train.checkpoint import file_sha256
+
+        summary = {"run_id": run_id(cfg), "method": cfg["method"], "checkpoint": str(path),
+                   "checkpoint_sha256": file_sha256(path), "wall_time_s": round(time.time() - started, 1)}
+        atomic_write_text(args.summary, json.dumps(summary, indent=1) + "\n")
+
+
+def _load_eval_backbone(args):
+    import torch
+
+    from cribo.models.backbones import backbone_from_checkpoint
+    from cribo.train.checkpoint import load_checkpoint
+    from cribo.train.distributed import pick_device
+
+    ckpt = load_checkpoint(args.checkpoint)
+    backbone = backbone_from_checkpoint(ckpt, args.checkpoint)
+    device = pick_device(args.device)
+    size = args.image_size or ckpt["config"]["model"]["img_size"]
+    torch.set_grad_enabled(False)
+    return backbone.to(device), ckpt, device, size
+
+
+def cmd_extract(args) -> None:
+    from cribo.data.registry import get_spec
+    from cribo.eval.features import extract_split, write_store
+    from cribo.train.checkpoint import file_sha256
+
+    spec = get_spec(args.dataset, args.data_root)
+    backbone, ckpt, device, size = _load_eval_backbone(args)
+    store = extract_split(backbone, spec, args.data_root, args.split, size, batch_size=args.batch_size,
+                          device=device, num_workers=args.num_workers, progress=not args.no_progress)
+    write_store(store, args.out, {"checkpoint": args.checkpoint, "checkpoint_sha256": file_sha256(args.checkpoint),
+                                  "method": ckpt["method"]})
+    print(f"features {store.features.shape} written to {args.out}")
+
+
+def cmd_eval(args) -> None:
+    from cribo.data.registry import get_spec
+    from cribo.eval.features import extract_split, load_store
+    from cribo.eval.protocol import make_row, run_incontext, write_row
+    from cribo.train.checkpoint import file_sha256, load_checkpoint
+
+    started = time.time()
+    spec = get_spec(args.dataset, args.data_root)
+    if args.train_features and args.val_features:
+        train_store, val_store = load_store(args.train_features), load_store(args.val_features)
+        ckpt = load_checkpoint(args.checkpoint)
+    else:
+        backbone, ckpt, device, size = _load_eval_backbone(args)
+        extract = lambda split: extract_split(backbone, spec, args.data_root, split, size,  # noqa: E731
+                                              batch_size=args.batch_size, device=device,
+                                              num_workers=args.num_workers, progress=not args.no_progress)
+        train_store, val_store = extract(spec.train_split), extract(spec.val_split)
+    for store in (train_store, val_store):
+        if store.meta["dataset"] != spec.name:
+            raise ValueError(f"feature store of dataset {store.meta['dataset']!r} given for --dataset {spec.name}")
+    result = run_incontext(train_store, val_store, fraction=args.fraction, seed=args.seed, k=args.k,
+                           temperature=args.temperature, memory_size=args.memory_size,
+                           progress=not args.no_progress)
+    row = make_row("incontext", result, checkpoint=args.checkpoint,
+                   checkpoint_sha256=file_sha256(args.checkpoint), checkpoint_cfg=ckpt.get("config"),
+                   dataset=spec.name, split=val_store.meta["split"],
+                   class_names=val_store.meta.get("class_names") or list(spec.class_names),
+                   experiment=args.experiment, run_name=args.run_name, started=started)
+    write_row(row, args.out)
+    print(f"in-context mIoU {row['miou']:.2f} (Hungarian {row['miou_hungarian']:.2f}) -> {args.out}")
+
+
+def cmd_table(args) -> None:
+    from cribo.results.tables import write_tables
+
+    paths = write_tables(args.rows, args.out)
+    print(Path(paths["md"]).read_text(), end="")
+
+
+COMMANDS = {"data": cmd_data, "config": cmd_config, "train": cmd_train, "extract": cmd_extract,
+            "eval": cmd_eval, "table": cmd_table}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from cribo.config import ConfigError
+    from cribo.data.registry import UnknownDatasetError
+    from cribo.data.segmentation import DataError
+    from cribo.results.tables import RowError
+    from cribo.train.checkpoint import CheckpointLoadError
+
+    user_errors = (ConfigError, UnknownDatasetError, DataError, RowError, CheckpointLoadError,
+                   FileNotFoundError, FileExistsError, KeyError, ValueError)
+    try:
+        COMMANDS[args.command](args)
+    except user_errors as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""Run configuration: loading, dotted overrides, schema validation, run ids and provenance.
+
+One run is described by one nested dict validated against ``schemas/run.schema.yaml``; missing
+keys get the schema's defaults and unknown keys are errors, because in practice an unknown key is
+a typo that would otherwise be silently ignored.
+
+The workflow config (``config/config.yaml``) holds a shared ``pretrain`` block and a ``runs``
+mapping of per-run overrides; :func:`resolve_runs` merges them into full run configs and gives
+each its *run id*, a short hash of every setting that changes the checkpoint. Artefact paths carry
+the run id so that a changed setting can never be served a stale checkpoint (the DVC experiment
+pitfall in ``workflow.md`` §2.3).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+# Sections of the run config that never change the trained weights: left out of the run id.
+NON_ARTEFACT_KEYS = ("train",)
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file, the key and the fix."""
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML mapping, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def run_schema() -> dict:
+    text = resources.files("cribo").joinpath("schemas/run.schema.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def _fill_defaults_validator():
+    """A Draft 2020-12 validator that also inserts schema defaults into the instance."""
+    base = jsonschema.Draft202012Validator
+    validate_properties = base.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for key, sub in properties.items():
+                if "default" in sub and key not in instance:
+                    instance[key] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(base, {"properties": set_defaults})
+
+
+def _format_error(err: jsonschema.ValidationError, source: str) -> str:
+    where = ".".join(str(p) for p in err.absolute_path) or "<top level>"
+    if err.validator == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        extra = sorted(set(err.instance) - set(allowed))
+        return (f"{source}: unknown key(s) {', '.join(repr(e) for e in extra)} under '{where}'; "
+                f"allowed keys there: {', '.join(allowed)}")
+    return f"{source}: invalid value at '{where}': {err.message}"
+
+
+def validate_run_config(cfg: dict, source: str = "config") -> dict:
+    """Fill defaults into a copy of ``cfg`` and validate it; raise :class:`ConfigError` on error."""
+    cfg = copy.deepcopy(cfg)
+    validator = _fill_defaults_validator()(run_schema())
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError(_format_error(errors[0], source))
+    # A second pass: defaults filled inside defaults (e.g. sections given as {}) are now checked.
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError(_format_error(errors[0], source))
+    return cfg
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Recursively merge ``override`` into a copy of ``base`` (override wins; dicts merge)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
+    """Apply ``KEY=VALUE`` overrides, KEY dotted (``optim.lr=1e-3``), VALUE parsed as YAML."""
+    cfg = copy.deepcopy(cfg)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form KEY=VALUE (e.g. optim.lr=0.001)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-3" as a string; a researcher typing it means a number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        node = cfg
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is not a section")
+        node[parts[-1]] = value
+    return cfg
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def short_hash(obj: Any, length: int = 8) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
+
+
+def artefact_settings(run_cfg: dict) -> dict:
+    """The part of a run config that determines its checkpoint.
+
+    ``train.*`` never does; the baselines read only a few keys, so that tuning DINO does not give
+    the random and pixel baselines new run ids (and pointless recomputation).
+    """
+    method = run_cfg["method"]
+    if method == "random":
+        return {"method": method, "seed": run_cfg["seed"], "model": run_cfg["model"]}
+    if method == "pixels":
+        model = run_cfg["model"]
+        return {"method": method, "data": run_cfg["data"],
+                "model": {"patch_size": model["patch_size"], "img_size": model["img_size"]}}
+    return {k: v for k, v in run_cfg.items() if k not in NON_ARTEFACT_KEYS}
+
+
+def run_id(run_cfg: dict) -> str:
+    """Short hash of every setting that changes the checkpoint."""
+    return short_hash(artefact_settings(run_cfg))
+
+
+def resolve_runs(workflow_cfg: dict, source: str = "config/config.yaml") -> dict[str, dict]:
+    """Expand the workflow config's ``runs`` into full, validated run configs.
+
+    Returns ``{run_name: run_cfg}``; each run config is ``pretrain`` deep-merged with the run's
+    overrides and with ``data`` pointing at the dataset's prepared root.
+    """
+    shared = workflow_cfg.get("pretrain", {})
+    runs = workflow_cfg.get("runs") or {}
+    if not runs:
+        raise ConfigError(f"{source}: 'runs' is empty; declare at least one run, e.g. runs: {{dino: {{method: dino}}}}")
+    data = {"dataset": workflow_cfg["dataset"]["name"], "root": dataset_root(workflow_cfg)}
+    resolved = {}
+    for name, override in runs.items():
+        merged = deep_merge(shared, {"data": data})
+        merged = deep_merge(merged, override or {})
+        resolved[name] = validate_run_config(merged, f"{source} (runs.{name})")
+    return resolved
+
+
+def dataset_root(workflow_cfg: dict) -> str:
+    """Where the DAG puts the prepared dataset.
+
+    The generated dataset's folder carries a hash of its generator settings, so changing them
+    produces a new dataset instead of reusing a stale one.
+    """
+    ds = workflow_cfg["dataset"]
+    if ds["name"] == "toyscenes":
+        return f"resources/toyscenes-{short_hash(ds.get('toyscenes', {}), 6)}"
+    return ds["root"]
+
+
+def git_sha(cwd: str | os.PathLike | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    if out.returncode != 0 or not sha:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           cwd=cwd or Path(__file__).parent, capture_output=True, text=True)
+    return sha + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def package_versions() -> dict[str, str]:
+    names = ["cribo", "torch", "torchvision", "timm", "numpy", "faiss-cpu", "pandas", "snakemake", "dvc"]
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def provenance(world_size: int = 1) -> dict:
+    """What produced an artefact: code version, package versions, machine, world size."""
+    return {
+        "git_sha": git_sha(),
+        "packages": package_versions(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "world_size": world_size,
+    }
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_run_config(cfg: dict, path: str | os.PathLike) -> None:
+    atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=False))

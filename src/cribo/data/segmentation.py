@@ -1,0 +1,123 @@
+"""Labelled segmentation datasets in the Pascal VOC layout, and the paired evaluation resize.
+
+Layout read (Pascal VOC 2012, and every dataset the pipeline prepares into it)::
+
+    ROOT/JPEGImages/<id>.jpg
+    ROOT/SegmentationClass/<id>.png         single-channel (palette or grey), value = class id
+    ROOT/SegmentationClassAug/<id>.png      optional; used for the ``trainaug`` split when present
+    ROOT/ImageSets/Segmentation/<split>.txt one id per line
+
+Every file problem (missing, unreadable, mask of the wrong size or mode) raises
+:class:`DataError` naming the file, so a bad sample never turns into a silent wrong number.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """A dataset file is missing, corrupt or inconsistent; the message names it."""
+
+
+def read_split(root: str | Path, split: str) -> list[str]:
+    root = Path(root)
+    list_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+    if not list_file.is_file():
+        available = sorted(p.stem for p in list_file.parent.glob("*.txt")) if list_file.parent.is_dir() else []
+        hint = f"; available splits: {', '.join(available)}" if available else \
+            f"; is {root} a dataset in the Pascal VOC layout (run the download/prepare stage first)?"
+        raise DataError(f"split list not found: {list_file}{hint}")
+    ids = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DataError(f"split list is empty: {list_file}")
+    return ids
+
+
+def load_rgb(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except FileNotFoundError as err:
+        raise DataError(f"image not found: {path}") from err
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"corrupt or unreadable image: {path} ({err})") from err
+
+
+def load_mask(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode not in ("P", "L"):
+                raise DataError(f"mask {path} has mode {img.mode}; expected a single-channel "
+                                "palette (P) or grey (L) PNG holding class ids")
+            return np.array(img, dtype=np.uint8)
+    except FileNotFoundError as err:
+        raise DataError(f"mask not found: {path}") from err
+    except UnidentifiedImageError as err:
+        raise DataError(f"corrupt or unreadable mask: {path} ({err})") from err
+
+
+class VOCLayoutSegmentation(Dataset):
+    """Image/mask pairs of one split of a VOC-layout dataset.
+
+    ``transform(image: PIL.Image, mask: np.ndarray) -> anything`` is applied to each pair; without
+    one, items are ``(PIL image, H x W uint8 mask)``.
+    """
+
+    def __init__(self, root: str | Path, split: str, transform=None, ids: list[str] | None = None):
+        self.root = Path(root)
+        self.split = split
+        self.ids = list(ids) if ids is not None else read_split(self.root, split)
+        aug = self.root / "SegmentationClassAug"
+        self.mask_dir = aug if split == "trainaug" and aug.is_dir() else self.root / "SegmentationClass"
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_path(self, index: int) -> Path:
+        return self.root / "JPEGImages" / f"{self.ids[index]}.jpg"
+
+    def mask_path(self, index: int) -> Path:
+        return self.mask_dir / f"{self.ids[index]}.png"
+
+    def __getitem__(self, index: int):
+        image = load_rgb(self.image_path(index))
+        mask = load_mask(self.mask_path(index))
+        if mask.shape != (image.height, image.width):
+            raise DataError(f"mask {self.mask_path(index)} is {mask.shape[1]}x{mask.shape[0]} but its image "
+                            f"{self.image_path(index)} is {image.width}x{image.height}")
+        if self.transform is not None:
+            return self.transform(image, mask)
+        return image, mask
+
+
+class ResizePair:
+    """Deterministic evaluation transform: image and mask resized to ``size x size``.
+
+    The image is resized bicubically with antialiasing and normalised with the ImageNet mean and
+    std; the mask with nearest-neighbour (labels must not be blended). Aspect ratio is not kept,
+    as in the Hummingbird protocol.
+    """
+
+    def __init__(self, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.size = size
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __call__(self, image: Image.Image, mask: np.ndarray):
+        image = image.resize((self.size, self.size), Image.BICUBIC)
+        mask_img = Image.fromarray(mask).resize((self.size, self.size), Image.NEAREST)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        x = (x - self.mean) / self.std
+        return x, torch.from_numpy(np.array(mask_img, dtype=np.uint8))

@@ -1,0 +1,87 @@
+"""From feature stores to one result row: training-set fractions, provenance, atomic JSON output.
+
+Every evaluation writes exactly one JSON row (metrics plus everything needed to trust and group
+it: dataset, split, fraction, seed, protocol settings, checkpoint sha256, config hash, git SHA,
+wall time, peak memory). Tables are built from rows, never typed by hand.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cribo.config import atomic_write_text, git_sha, run_id, short_hash
+from cribo.eval.features import FeatureStore
+from cribo.eval.incontext import evaluate_incontext
+
+
+def fraction_subset(num_images: int, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random ``fraction`` of ``num_images`` (at least one image)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return np.arange(num_images)
+    count = max(1, int(round(num_images * fraction)))
+    return np.sort(np.random.default_rng(seed).choice(num_images, size=count, replace=False))
+
+
+def run_incontext(train: FeatureStore, val: FeatureStore, *, fraction: float = 1.0, seed: int = 0,
+                  k: int = 30, temperature: float = 0.02, memory_size: int | None = None,
+                  progress: bool = False) -> dict:
+    """In-context retrieval of ``val`` against a ``fraction`` of ``train``; returns metrics and settings."""
+    if train.meta["embed_dim"] != val.meta["embed_dim"] or train.meta["patch_size"] != val.meta["patch_size"]:
+        raise ValueError("train and val feature stores come from different backbones")
+    if train.meta["num_classes"] != val.meta["num_classes"]:
+        raise ValueError("train and val feature stores have different class counts")
+    subset = fraction_subset(train.features.shape[0], fraction, seed)
+    metrics = evaluate_incontext(
+        np.asarray(train.features[subset]), np.asarray(train.label_counts[subset]),
+        np.asarray(val.features), np.asarray(val.masks), tuple(val.meta["grid"]), val.meta["num_classes"],
+        k=k, temperature=temperature, memory_size=memory_size, seed=seed,
+        ignore_index=val.meta["ignore_index"], progress=progress)
+    settings = {"fraction": fraction, "seed": seed, "k": k, "temperature": temperature,
+                "memory_size": memory_size, "image_size": val.meta["image_size"],
+                "num_train_images": int(len(subset)), "train_split": train.meta["split"]}
+    return {**metrics, **settings}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def make_row(protocol: str, result: dict, *, checkpoint: str | None, checkpoint_sha256: str | None,
+             checkpoint_cfg: dict | None, dataset: str, split: str, class_names: list[str],
+             experiment: str | None, run_name: str | None, started: float) -> dict:
+    cfg = checkpoint_cfg or {}
+    row = {
+        "protocol": protocol,
+        "experiment": experiment or "adhoc",
+        "run_name": run_name or cfg.get("method", "unknown"),
+        "run_id": run_id(cfg) if cfg else None,
+        "method": cfg.get("method", "unknown"),
+        "arch": cfg.get("model", {}).get("arch") if cfg.get("method") != "pixels" else "pixels",
+        "patch_size": cfg.get("model", {}).get("patch_size"),
+        "dataset": dataset,
+        "split": split,
+        **result,
+        "class_names": class_names,
+        "checkpoint": checkpoint,
+        "checkpoint_sha256": checkpoint_sha256,
+        "config_hash": short_hash(cfg) if cfg else None,
+        "eval_hash": short_hash({k: result.get(k) for k in ("fraction", "seed", "k", "temperature",
+                                                             "memory_size", "image_size")}),
+        "git_sha": git_sha(),
+        "wall_time_s": round(time.time() - started, 3),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return row
+
+
+def write_row(row: dict, path: str | Path) -> None:
+    atomic_write_text(path, json.dumps(row, indent=1) + "\n")

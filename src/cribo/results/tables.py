@@ -1,0 +1,92 @@
+"""Result tables built from JSON rows, never typed by hand.
+
+``build_incontext_table`` groups the in-context rows by experiment, run, method, arch, dataset and
+training fraction, and reports the mean mIoU over evaluation seeds with its standard deviation
+and the number of seeds. The same frame is written as CSV (for programs) and Markdown (for
+people), plus a flat ``metrics.json`` that DVC compares across experiments.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from cribo.config import atomic_write_text
+
+GROUP_COLUMNS = ["experiment", "run_name", "run_id", "method", "arch", "dataset", "fraction"]
+
+
+class RowError(ValueError):
+    pass
+
+
+def read_rows(paths: list[str | Path]) -> list[dict]:
+    """All ``*.json`` rows under the given files or folders (recursively), sorted by path."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files.extend(sorted(path.rglob("*.json")))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise RowError(f"no such file or folder: {path}")
+    rows = []
+    for file in sorted(set(files)):
+        try:
+            row = json.loads(file.read_text())
+        except json.JSONDecodeError as err:
+            raise RowError(f"{file}: not valid JSON ({err})") from err
+        if isinstance(row, dict) and "protocol" in row:
+            rows.append({**row, "_source": str(file)})
+    return rows
+
+
+def build_incontext_table(rows: list[dict]) -> pd.DataFrame:
+    """One line per (experiment, run, dataset, fraction): mean and std of mIoU over seeds."""
+    rows = [r for r in rows if r.get("protocol") == "incontext"]
+    if not rows:
+        raise RowError("no in-context rows (protocol 'incontext') among the given rows")
+    frame = pd.DataFrame(rows)
+    for col in GROUP_COLUMNS:
+        if col not in frame:
+            frame[col] = None
+    frame[GROUP_COLUMNS] = frame[GROUP_COLUMNS].fillna("-")
+    grouped = frame.groupby(GROUP_COLUMNS, sort=True)
+    table = grouped.agg(
+        miou=("miou", "mean"), miou_std=("miou", "std"),
+        miou_hungarian=("miou_hungarian", "mean"), seeds=("seed", "nunique"),
+    ).reset_index()
+    table["miou_std"] = table["miou_std"].fillna(0.0)
+    return table.round({"miou": 2, "miou_std": 2, "miou_hungarian": 2})
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    header = "| " + " | ".join(table.columns) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    lines = [header, rule]
+    for values in table.itertuples(index=False):
+        lines.append("| " + " | ".join(_fmt(v) for v in values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}" if value == value else "-"
+    return str(value)
+
+
+def write_tables(row_paths: list[str | Path], out_dir: str | Path) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    table = build_incontext_table(read_rows(row_paths))
+    csv_path, md_path, metrics_path = (out_dir / "incontext.csv", out_dir / "incontext.md",
+                                       out_dir / "metrics.json")
+    atomic_write_text(csv_path, table.to_csv(index=False))
+    atomic_write_text(md_path, to_markdown(table))
+    metrics: dict = {}
+    for r in table.itertuples(index=False):  # nested, so `dvc metrics show` flattens it readably
+        metrics.setdefault(r.experiment, {}).setdefault(r.run_name, {})[f"{r.dataset}_f{r.fraction}"] = r.miou
+    metrics = {"incontext_miou": metrics}
+    atomic_write_text(metrics_path, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+    return {"csv": csv_path, "md": md_path, "metrics": metrics_path}

@@ -1,0 +1,280 @@
+"""The pretraining entry point: one function per method, the DINO loop readable top to bottom.
+
+``train(cfg, output_dir)`` writes ``output_dir/checkpoint.pth`` (the last completed epoch, written
+atomically), ``config.yaml`` (the resolved run config), ``provenance.json`` (git SHA, package
+versions, world size) and ``log.txt`` (one JSON line per epoch, like the official code's). An
+existing ``checkpoint.pth`` is resumed from its recorded epoch.
+
+Methods:
+- ``dino``: global [CLS] self-distillation (student, EMA teacher, centring and sharpening), the
+  engine the CrIBo method extends;
+- ``random``: the untrained backbone of the run's seed;
+- ``pixels``: no network, only the training-set mean colour used to centre raw RGB patches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from tqdm import tqdm
+
+from cribo.config import atomic_write_text, provenance, write_run_config
+from cribo.data.images import UnlabeledImages, list_pretrain_images
+from cribo.data.segmentation import IMAGENET_MEAN, IMAGENET_STD
+from cribo.method.dino import DINOLoss
+from cribo.method.schedules import cosine_schedule, linear_warmup_then_constant
+from cribo.method.views import DINOViews, eval_transform
+from cribo.models.backbones import build_vit
+from cribo.models.heads import DINOHead, cancel_last_layer_gradients
+from cribo.train.checkpoint import load_checkpoint, save_checkpoint
+from cribo.train.distributed import DistInfo, barrier, cleanup, init_distributed
+
+CHECKPOINT_NAME = "checkpoint.pth"
+
+
+class MultiCropWrapper(nn.Module):
+    """Backbone + head over a list of crops: crops of equal size go through the backbone together.
+
+    ``forward(list of V tensors B x 3 x S_v x S_v) -> (V*B) x K`` head outputs, crop-major.
+    """
+
+    def __init__(self, backbone: nn.Module, head: DINOHead):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        sizes = torch.tensor([c.shape[-1] for c in crops])
+        # Boundaries between runs of equal-sized crops (globals first, then locals).
+        ends = torch.cumsum(torch.unique_consecutive(sizes, return_counts=True)[1], 0).tolist()
+        start, cls_tokens = 0, []
+        for end in ends:
+            cls_tokens.append(self.backbone(torch.cat(crops[start:end])))
+            start = end
+        return self.head(torch.cat(cls_tokens))
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Weight decay on weight matrices only; biases and norm parameters are not decayed."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if name.endswith(".bias") or param.ndim == 1 else decay).append(param)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> None:
+    """Per-parameter norm clipping, as DINO and CrIBo do (not one global norm)."""
+    for param in model.parameters():
+        if param.grad is not None:
+            norm = param.grad.detach().norm(2)
+            scale = max_norm / (norm + 1e-6)
+            if scale < 1:
+                param.grad.mul_(scale)
+
+
+def _loader(dataset, cfg: dict, dist_info: DistInfo, shuffle_seed: int) -> DataLoader:
+    batch = cfg["optim"]["batch_size"]
+    if len(dataset) < batch * dist_info.world_size:
+        raise ValueError(f"the pretraining set has {len(dataset)} images, fewer than one global batch "
+                         f"({batch} x {dist_info.world_size} processes); lower optim.batch_size")
+    if dist_info.world_size > 1:
+        sampler = DistributedSampler(dataset, shuffle=True, seed=shuffle_seed, drop_last=True)
+    else:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(shuffle_seed))
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True,
+                      num_workers=cfg["train"]["num_workers"], pin_memory=dist_info.device.type == "cuda",
+                      persistent_workers=cfg["train"]["num_workers"] > 0)
+
+
+def _log_line(output_dir: Path, record: dict) -> None:
+    with open(output_dir / "log.txt", "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _base_state(cfg: dict, method: str, dist_info: DistInfo) -> dict:
+    return {"method": method, "config": cfg, "args": cfg, "provenance": provenance(dist_info.world_size)}
+
+
+def train(cfg: dict, output_dir: str | Path) -> Path:
+    """Run (or resume) the pretraining described by the validated run config ``cfg``."""
+    output_dir = Path(output_dir)
+    dist_info = init_distributed(cfg["train"]["device"])
+    if cfg["train"]["threads"]:
+        torch.set_num_threads(cfg["train"]["threads"])
+    # Each rank draws its own augmentations and dropout (the official code seeds all ranks alike).
+    seed_everything(cfg["seed"] + dist_info.rank)
+    if dist_info.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_run_config(cfg, output_dir / "config.yaml")
+        atomic_write_text(output_dir / "provenance.json", json.dumps(provenance(dist_info.world_size), indent=2))
+    try:
+        trainer = {"dino": train_dino, "random": save_random, "pixels": fit_pixel_mean}[cfg["method"]]
+        trainer(cfg, output_dir, dist_info)
+    finally:
+        barrier()
+        cleanup()
+    return output_dir / CHECKPOINT_NAME
+
+
+def save_random(cfg: dict, output_dir: Path, dist_info: DistInfo) -> None:
+    """The untrained backbone: the floor every learned method must beat."""
+    torch.manual_seed(cfg["seed"])
+    backbone = build_vit(cfg["model"], drop_path_rate=0.0)
+    state = _base_state(cfg, "random", dist_info)
+    state.update(teacher={f"backbone.{k}": v for k, v in backbone.state_dict().items()}, epoch=0)
+    if dist_info.is_main:
+        save_checkpoint(state, output_dir / CHECKPOINT_NAME)
+
+
+@torch.no_grad()
+def fit_pixel_mean(cfg: dict, output_dir: Path, dist_info: DistInfo) -> None:
+    """Mean normalised colour of the pretraining images, to centre the raw-pixel features."""
+    paths = list_pretrain_images(cfg["data"]["root"], cfg["data"]["split"])
+    dataset = UnlabeledImages(paths, eval_transform(cfg["model"]["img_size"], IMAGENET_MEAN, IMAGENET_STD))
+    loader = DataLoader(dataset, batch_size=64, num_workers=cfg["train"]["num_workers"])
+    total, count = torch.zeros(3, dtype=torch.float64), 0
+    for images in tqdm(loader, desc="pixel mean", disable=not cfg["train"]["progress"], file=sys.stdout):
+        total += images.double().sum(dim=(0, 2, 3))
+        count += images.shape[0] * images.shape[2] * images.shape[3]
+    state = _base_state(cfg, "pixels", dist_info)
+    state.update(teacher={"pixel_mean": (total / count).float()}, epoch=0)
+    if dist_info.is_main:
+        save_checkpoint(state, output_dir / CHECKPOINT_NAME)
+
+
+def train_dino(cfg: dict, output_dir: Path, dist_info: DistInfo) -> None:
+    device, model_cfg, dino_cfg, optim_cfg = dist_info.device, cfg["model"], cfg["dino"], cfg["optim"]
+
+    # ============ data ============
+    views = DINOViews(global_size=model_cfg["img_size"], local_size=dino_cfg["local_crop_size"],
+                      num_local_crops=dino_cfg["local_crops_number"],
+                      global_scale=tuple(dino_cfg["global_crops_scale"]),
+                      local_scale=tuple(dino_cfg["local_crops_scale"]))
+    dataset = UnlabeledImages(list_pretrain_images(cfg["data"]["root"], cfg["data"]["split"]), views)
+    loader = _loader(dataset, cfg, dist_info, shuffle_seed=cfg["seed"])
+    steps_per_epoch = len(loader)
+    epochs = optim_cfg["epochs"]
+
+    # ============ student and teacher ============
+    def make(drop_path: float) -> MultiCropWrapper:
+        backbone = build_vit(model_cfg, drop_path_rate=drop_path)
+        head = DINOHead(backbone.embed_dim, dino_cfg["out_dim"], hidden_dim=dino_cfg["hidden_dim"],
+                        bottleneck_dim=dino_cfg["bottleneck_dim"], norm_last_layer=dino_cfg["norm_last_layer"])
+        return MultiCropWrapper(backbone, head).to(device)
+
+    student = make(model_cfg["drop_path_rate"])
+    teacher = make(0.0)
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    student_ddp = student
+    if dist_info.world_size > 1:
+        student_ddp = nn.parallel.DistributedDataParallel(
+            student, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
+
+    # ============ loss, optimizer and schedules (computed up front, indexed by global step) ============
+    # Short runs skip the warm-ups, as the official code does for epochs <= 2.
+    warmup = optim_cfg["warmup_epochs"] if epochs > 2 else 0
+    temp_warmup = min(dino_cfg["warmup_teacher_temp_epochs"], epochs) if epochs > 2 else 0
+    teacher_temps = linear_warmup_then_constant(dino_cfg["warmup_teacher_temp"], dino_cfg["teacher_temp"],
+                                                temp_warmup, epochs)
+    dino_loss = DINOLoss(dino_cfg["out_dim"], teacher_temps, student_temp=dino_cfg["student_temp"],
+                         center_momentum=dino_cfg["center_momentum"]).to(device)
+    optimizer = torch.optim.AdamW(param_groups(student))
+    total_batch = optim_cfg["batch_size"] * dist_info.world_size
+    lr_schedule = cosine_schedule(optim_cfg["lr"] * total_batch / 256.0, optim_cfg["min_lr"], epochs,
+                                  steps_per_epoch, warmup_epochs=warmup)
+    wd_schedule = cosine_schedule(optim_cfg["weight_decay"], optim_cfg["weight_decay_end"], epochs, steps_per_epoch)
+    momentum_schedule = cosine_schedule(dino_cfg["momentum_teacher"], 1.0, epochs, steps_per_epoch)
+
+    # ============ resume ============
+    start_epoch = 0
+    ckpt_path = output_dir / CHECKPOINT_NAME
+    if ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        student.load_state_dict(ckpt["student"])
+        teacher.load_state_dict(ckpt["teacher"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        dino_loss.load_state_dict(ckpt["dino_loss"])
+        start_epoch = int(ckpt["epoch"])
+        if dist_info.is_main:
+            print(f"resuming from {ckpt_path} at epoch {start_epoch}/{epochs}", flush=True)
+
+    # ============ training ============
+    show = dist_info.is_main and cfg["train"]["progress"]
+    for epoch in range(start_epoch, epochs):
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        else:
+            loader.sampler.generator.manual_seed(cfg["seed"] * 10_000 + epoch)
+        stats = train_one_epoch(student_ddp, student, teacher, dino_loss, loader, optimizer, lr_schedule,
+                                wd_schedule, momentum_schedule, epoch, cfg, device, show)
+        if dist_info.is_main:
+            state = _base_state(cfg, "dino", dist_info)
+            state.update(student=student.state_dict(), teacher=teacher.state_dict(),
+                         optimizer=optimizer.state_dict(), dino_loss=dino_loss.state_dict(), epoch=epoch + 1)
+            save_checkpoint(state, ckpt_path)
+            _log_line(output_dir, {"epoch": epoch, **stats})
+
+
+def train_one_epoch(student_ddp, student, teacher, dino_loss, loader, optimizer, lr_schedule, wd_schedule,
+                    momentum_schedule, epoch, cfg, device, show_progress) -> dict:
+    steps = len(loader)
+    freeze_epochs, clip = cfg["dino"]["freeze_last_layer"], cfg["optim"]["clip_grad"]
+    bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{cfg['optim']['epochs']}",
+               disable=not show_progress, file=sys.stdout, mininterval=5)
+    losses, start = [], time.time()
+    for i, crops in enumerate(bar):
+        it = epoch * steps + i
+        for j, group in enumerate(optimizer.param_groups):
+            group["lr"] = lr_schedule[it]
+            if j == 0:  # only the weight matrices are decayed
+                group["weight_decay"] = wd_schedule[it]
+        crops = [c.to(device, non_blocking=True) for c in crops]
+        batch = crops[0].shape[0]
+
+        with torch.no_grad():  # only the two global views pass through the teacher
+            teacher_out = teacher(crops[:2]).chunk(2)
+        student_out = student_ddp(crops).chunk(len(crops))
+        loss = dino_loss(list(student_out), list(teacher_out), epoch)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {i}; stopping")
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip > 0:
+            clip_gradients(student, clip)
+        cancel_last_layer_gradients(student, epoch, freeze_epochs)
+        optimizer.step()
+
+        with torch.no_grad():  # EMA teacher
+            m = momentum_schedule[it]
+            for p_s, p_t in zip(student.parameters(), teacher.parameters()):
+                p_t.mul_(m).add_(p_s.detach(), alpha=1 - m)
+
+        losses.append(loss.item())
+        if show_progress:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_schedule[it]:.2e}",
+                            img_s=f"{(i + 1) * batch / (time.time() - start):.0f}")
+    return {"loss": float(np.mean(losses)), "lr": float(lr_schedule[epoch * steps + steps - 1]),
+            "wd": float(wd_schedule[epoch * steps + steps - 1]),
+            "momentum": float(momentum_schedule[epoch * steps + steps - 1]),
+            "epoch_seconds": time.time() - start}

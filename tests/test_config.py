@@ -1,0 +1,80 @@
+import pytest
+import yaml
+
+from cribo.config import (ConfigError, apply_overrides, deep_merge, load_yaml, resolve_runs, run_id,
+                          validate_run_config)
+
+
+def test_defaults_are_filled_and_nested_sections_completed():
+    cfg = validate_run_config({"method": "dino"})
+    assert cfg["optim"]["epochs"] == 100
+    assert cfg["model"]["arch"] == "vit_small"
+    assert cfg["dino"]["global_crops_scale"] == [0.25, 1.0]
+    # the input is not modified in place
+    raw = {"model": {"arch": "vit_tiny"}}
+    validate_run_config(raw)
+    assert raw == {"model": {"arch": "vit_tiny"}}
+
+
+def test_typo_is_an_error_naming_the_key_and_the_allowed_keys():
+    with pytest.raises(ConfigError) as err:
+        validate_run_config({"optim": {"lrr": 0.1}}, "my.yaml")
+    msg = str(err.value)
+    assert "my.yaml" in msg and "'lrr'" in msg and "optim" in msg and "lr" in msg
+
+
+def test_bad_value_is_an_error_naming_the_path():
+    with pytest.raises(ConfigError, match="optim.epochs"):
+        validate_run_config({"optim": {"epochs": 0}})
+    with pytest.raises(ConfigError, match="method"):
+        validate_run_config({"method": "byol"})
+
+
+def test_overrides_parse_yaml_values_and_create_sections():
+    cfg = apply_overrides({"optim": {"lr": 1.0}}, ["optim.lr=1e-3", "model.depth=4", "dino.norm_last_layer=false"])
+    assert cfg["optim"]["lr"] == pytest.approx(1e-3)
+    assert cfg["model"]["depth"] == 4
+    assert cfg["dino"]["norm_last_layer"] is False
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        apply_overrides({}, ["optim.lr"])
+
+
+def test_deep_merge_overrides_leaves_and_keeps_siblings():
+    assert deep_merge({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"b": 5}}) == {"a": {"b": 5, "c": 2}, "d": 3}
+
+
+def test_run_id_ignores_train_section_but_not_optim():
+    base = validate_run_config({"method": "dino"})
+    same = validate_run_config({"method": "dino", "train": {"num_workers": 7, "device": "cpu"}})
+    other = validate_run_config({"method": "dino", "optim": {"lr": 0.1}})
+    assert run_id(base) == run_id(same)
+    assert run_id(base) != run_id(other)
+    assert len(run_id(base)) == 8
+
+
+def test_baseline_run_ids_do_not_depend_on_dino_settings():
+    a = validate_run_config({"method": "random", "optim": {"lr": 0.1}})
+    b = validate_run_config({"method": "random", "optim": {"lr": 0.2}})
+    c = validate_run_config({"method": "random", "seed": 1})
+    assert run_id(a) == run_id(b) != run_id(c)
+
+
+def test_embedded_default_resolves(tmp_path):
+    cfg = load_yaml("config/config.yaml")
+    runs = resolve_runs(cfg)
+    assert set(runs) == {"random", "pixels", "dino"}
+    assert runs["dino"]["data"]["root"].startswith("resources/toyscenes-")
+    assert len({run_id(r) for r in runs.values()}) == 3
+
+
+def test_unreadable_config_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_yaml(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_yaml(tmp_path / "missing.yaml")
+    listy = tmp_path / "list.yaml"
+    listy.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(ConfigError, match="mapping"):
+        load_yaml(listy)

@@ -1,0 +1,58 @@
+import json
+
+import pandas as pd
+import pytest
+
+from cribo.results.tables import RowError, build_incontext_table, read_rows, to_markdown, write_tables
+
+
+def _row(run, miou, seed, fraction=1.0, **extra):
+    return {"protocol": "incontext", "experiment": "toy", "run_name": run, "run_id": run[:8].ljust(8, "0"),
+            "method": run, "arch": "vit_tiny", "dataset": "toyscenes", "fraction": fraction,
+            "seed": seed, "miou": miou, "miou_hungarian": miou + 1, **extra}
+
+
+def test_mean_and_sample_std_over_seeds():
+    rows = [_row("dino", 40.0, 0, 0.125), _row("dino", 44.0, 1, 0.125), _row("dino", 45.0, 2, 0.125),
+            _row("dino", 50.0, 0, 1.0)]
+    table = build_incontext_table(rows)
+    sub = table[table.fraction == 0.125].iloc[0]
+    # mean (40+44+45)/3 = 43; sample variance ((-3)^2 + 1^2 + 2^2)/2 = 7 -> std sqrt(7)
+    assert sub.miou == pytest.approx(43.0)
+    assert sub.miou_std == pytest.approx(round(7 ** 0.5, 2))
+    assert sub.seeds == 3
+    full = table[table.fraction == 1.0].iloc[0]
+    assert full.miou == 50.0 and full.miou_std == 0.0 and full.seeds == 1
+
+
+def test_write_tables_from_folders(tmp_path):
+    rows_dir = tmp_path / "rows"
+    (rows_dir / "a").mkdir(parents=True)
+    for i, row in enumerate([_row("random", 30.0, 0), _row("dino", 20.0, 0), _row("pixels", 35.5, 0)]):
+        (rows_dir / "a" / f"{i}.json").write_text(json.dumps(row))
+    (rows_dir / "note.json").write_text(json.dumps({"not": "a row"}))  # ignored: no protocol
+    paths = write_tables([rows_dir], tmp_path / "tables")
+    csv = pd.read_csv(paths["csv"])
+    assert {"experiment", "method", "arch", "dataset", "fraction", "miou"} <= set(csv.columns)
+    assert sorted(csv.method) == ["dino", "pixels", "random"]
+    assert csv.set_index("method").miou["pixels"] == 35.5
+    md = paths["md"].read_text()
+    assert md.startswith("| experiment |") and "35.50" in md
+    metrics = json.loads(paths["metrics"].read_text())
+    assert metrics["incontext_miou"]["toy"]["pixels"]["toyscenes_f1.0"] == 35.5
+
+
+def test_no_rows_and_bad_json_are_clear_errors(tmp_path):
+    with pytest.raises(RowError, match="no in-context rows"):
+        build_incontext_table([])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(RowError, match="bad.json"):
+        read_rows([bad])
+    with pytest.raises(RowError, match="no such file"):
+        read_rows([tmp_path / "missing"])
+
+
+def test_markdown_renders_every_cell():
+    table = pd.DataFrame({"a": ["x"], "b": [1.5]})
+    assert to_markdown(table) == "| a | b |\n|---|---|\n| x | 1.50 |\n"

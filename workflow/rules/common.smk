@@ -1,0 +1,39 @@
+# Names and paths shared by the rules. Run settings are resolved by the cribo library, which also
+# computes the run ids that every artefact path carries.
+from cribo.config import ConfigError, dataset_root, resolve_runs, run_id, short_hash
+
+EXPERIMENT = config["experiment"]
+RUNS = resolve_runs(config)
+RUN_IDS = {name: run_id(cfg) for name, cfg in RUNS.items()}
+_twins = [n for n in RUNS if list(RUN_IDS.values()).count(RUN_IDS[n]) > 1]
+if _twins:
+    raise ConfigError(f"runs {', '.join(_twins)} have identical settings (same run id); make them differ or drop one")
+RUN_NAME = {rid: name for name, rid in RUN_IDS.items()}
+
+DATASET = config["dataset"]["name"]
+DATA_ROOT = dataset_root(config)
+EVAL = config["evaluate"]
+INCONTEXT = EVAL["incontext"]
+# Folder names that carry the settings of the artefacts inside them.
+FEATURES_ID = f"{DATASET}-{EVAL['image_size']}px"
+INCONTEXT_ID = f"{FEATURES_ID}-{short_hash({k: INCONTEXT[k] for k in ('k', 'temperature', 'memory_size')}, 6)}"
+RUN_DIR = "results/{experiment}/{run_id}"
+
+
+wildcard_constraints:
+    experiment="[A-Za-z0-9_-]+",
+    run_id="[0-9a-f]{8}",
+    split="[A-Za-z0-9_]+",
+    fraction="[0-9.]+",
+    seed="[0-9]+",
+
+
+def incontext_rows():
+    """Every (run, fraction, seed) row of the in-context table; a full memory needs one seed."""
+    rows = []
+    for rid in RUN_IDS.values():
+        for fraction in INCONTEXT["fractions"]:
+            deterministic = fraction == 1 and INCONTEXT["memory_size"] is None
+            for seed in INCONTEXT["seeds"][:1] if deterministic else INCONTEXT["seeds"]:
+                rows.append(f"results/{EXPERIMENT}/{rid}/eval/incontext/{INCONTEXT_ID}/f{fraction}-s{seed}.json")
+    return rows

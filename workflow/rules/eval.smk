@@ -1,0 +1,29 @@
+# eval_incontext: dense nearest-neighbour retrieval of the val split against a training fraction.
+from cribo.data.registry import get_spec
+
+SPEC = get_spec(DATASET)
+
+
+rule eval_incontext:
+    input:
+        summary=f"{RUN_DIR}/pretrain/summary.json",
+        train=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.train_split}",
+        val=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.val_split}",
+    output:
+        f"{RUN_DIR}/eval/incontext/{INCONTEXT_ID}/f{{fraction}}-s{{seed}}.json",
+    log:
+        f"logs/{{experiment}}/{{run_id}}/incontext-{INCONTEXT_ID}-f{{fraction}}-s{{seed}}.log",
+    benchmark:
+        f"logs/benchmarks/{{experiment}}/{{run_id}}/incontext-{INCONTEXT_ID}-f{{fraction}}-s{{seed}}.tsv"
+    threads: workflow.cores
+    params:
+        ckpt=lambda wc, input: os.path.join(os.path.dirname(input.summary), "checkpoint.pth"),
+        name=lambda wc: RUN_NAME[wc.run_id],
+        memory=f"--memory-size {INCONTEXT['memory_size']}" if INCONTEXT["memory_size"] else "",
+    shell:
+        "cribo eval incontext --checkpoint {params.ckpt} --dataset {DATASET} --data-root {DATA_ROOT} "
+        "--train-features {input.train} --val-features {input.val} "
+        "--k {INCONTEXT[k]} --temperature {INCONTEXT[temperature]} {params.memory} "
+        "--fraction {wildcards.fraction} --seed {wildcards.seed} "
+        "--experiment {wildcards.experiment} --run-name {params.name} "
+        "--out {output} --no-progress > {log} 2>&1"

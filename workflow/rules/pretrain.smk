@@ -1,0 +1,34 @@
+# pretrain: one resolved run config per run id, then `cribo train` on it.
+# The rule's output is summary.json, written last: checkpoint.pth is rewritten every epoch and is
+# not a declared output, so a failed or killed job keeps it and the rerun resumes from it.
+
+
+rule run_config:
+    output:
+        f"{RUN_DIR}/pretrain/run.yaml",
+    log:
+        "logs/{experiment}/{run_id}/run_config.log",
+    params:
+        cfg=lambda wc: RUNS[RUN_NAME[wc.run_id]],
+    run:
+        from cribo.config import write_run_config
+
+        write_run_config(params.cfg, output[0])
+
+
+rule pretrain:
+    input:
+        data=DATA_ROOT,
+        cfg=f"{RUN_DIR}/pretrain/run.yaml",
+    output:
+        f"{RUN_DIR}/pretrain/summary.json",
+    log:
+        "logs/{experiment}/{run_id}/pretrain.log",
+    benchmark:
+        "logs/benchmarks/{experiment}/{run_id}/pretrain.tsv"
+    threads: workflow.cores
+    params:
+        outdir=lambda wc, output: os.path.dirname(output[0]),
+    shell:
+        "cribo train --config {input.cfg} --output-dir {params.outdir} "
+        "--set train.threads={threads} --summary {output} > {log} 2>&1"

@@ -1,0 +1,18 @@
+# table: results tables from the JSON rows of this config's evaluations (and only those).
+
+
+rule table:
+    input:
+        incontext_rows(),
+    output:
+        csv="results/tables/incontext.csv",
+        md="results/tables/incontext.md",
+        metrics="results/tables/metrics.json",
+    log:
+        "logs/tables/table.log",
+    benchmark:
+        "logs/benchmarks/tables/table.tsv"
+    params:
+        outdir=lambda wc, output: os.path.dirname(output.csv),
+    shell:
+        "cribo table --rows {input} --out {params.outdir} > {log} 2>&1"

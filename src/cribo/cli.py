@@ -157,8 +157,6 @@ def cmd_train(args) -> None:
 
 
 def _load_eval_backbone(args):
-    import torch
-
     from cribo.models.backbones import backbone_from_checkpoint
     from cribo.train.checkpoint import load_checkpoint
     from cribo.train.distributed import pick_device
@@ -167,7 +165,6 @@ def _load_eval_backbone(args):
     backbone = backbone_from_checkpoint(ckpt, args.checkpoint)
     device = pick_device(args.device)
     size = args.image_size or ckpt["config"]["model"]["img_size"]
-    torch.set_grad_enabled(False)
     return backbone.to(device), ckpt, device, size
 
 

@@ -43,13 +43,21 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     except pickle.UnpicklingError as err:
         raise CheckpointLoadError(
             f"{path}: refused to load: it contains pickled objects other than tensors and plain "
-            f"containers ({str(err).splitlines()[0]}). Official CrIBo checkpoints are imported "
-            "with their own loader.") from err
+            f"containers: {_unpickling_reason(err)}") from err
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointLoadError(f"{path}: not a readable torch checkpoint ({err})") from err
     if not isinstance(ckpt, dict):
         raise CheckpointLoadError(f"{path}: expected a dict, got {type(ckpt).__name__}")
     return ckpt
+
+
+def _unpickling_reason(err: Exception) -> str:
+    """The line of torch's long weights-only message that names the offending global."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if "Unsupported global" in line or "GLOBAL" in line:
+            return line
+    return lines[-1] if lines else type(err).__name__
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

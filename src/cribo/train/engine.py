@@ -245,9 +245,10 @@ def train_one_epoch(student_ddp, student, teacher, dino_loss, loader, optimizer,
     for i, crops in enumerate(bar):
         it = epoch * steps + i
         for j, group in enumerate(optimizer.param_groups):
-            group["lr"] = lr_schedule[it]
+            # plain floats: numpy scalars in the optimizer state would make the checkpoint unsafe to load
+            group["lr"] = float(lr_schedule[it])
             if j == 0:  # only the weight matrices are decayed
-                group["weight_decay"] = wd_schedule[it]
+                group["weight_decay"] = float(wd_schedule[it])
         crops = [c.to(device, non_blocking=True) for c in crops]
         batch = crops[0].shape[0]
 

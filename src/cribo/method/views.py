@@ -1,0 +1,56 @@
+"""Augmented views for self-distillation (DINO's multi-crop recipe, CrIBo's crop scale).
+
+Two global views with asymmetric colour pipelines (view 1: blur always; view 2: blur rarely,
+solarisation sometimes), plus optional smaller local views. CrIBo uses global crops of scale
+(0.25, 1) and no local crops; DINO uses (0.4, 1) plus local crops. Built on torchvision v2.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+from cribo.data.segmentation import IMAGENET_MEAN, IMAGENET_STD
+
+
+def _blur(size: int, p: float) -> T.Transform:
+    kernel = max(3, (size // 10) | 1)  # odd, about a tenth of the crop, like a 23 px kernel at 224
+    return T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=p)
+
+
+def _to_tensor(mean, std) -> list[T.Transform]:
+    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
+
+
+def _colour() -> list[T.Transform]:
+    return [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)]
+
+
+class DINOViews:
+    """``__call__(PIL image) -> [global_1, global_2, local_1, ...]``, each ``3 x S x S`` normalised."""
+
+    def __init__(self, global_size: int = 96, local_size: int = 48, num_local_crops: int = 0,
+                 global_scale: tuple[float, float] = (0.25, 1.0), local_scale: tuple[float, float] = (0.05, 0.25),
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        def crop(size, scale):
+            return [T.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True),
+                    T.RandomHorizontalFlip()]
+
+        tail = _to_tensor(mean, std)
+        self.global_1 = T.Compose(crop(global_size, global_scale) + _colour() + [_blur(global_size, 1.0)] + tail)
+        self.global_2 = T.Compose(crop(global_size, global_scale) + _colour() + [_blur(global_size, 0.1),
+                                  T.RandomSolarize(threshold=128, p=0.2)] + tail)
+        self.local = T.Compose(crop(local_size, local_scale) + _colour() + [_blur(local_size, 0.5)] + tail)
+        self.num_local_crops = num_local_crops
+
+    def __call__(self, image) -> list[torch.Tensor]:
+        views = [self.global_1(image), self.global_2(image)]
+        views.extend(self.local(image) for _ in range(self.num_local_crops))
+        return views
+
+
+def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
+    """Deterministic: resize to ``size x size`` (bicubic, antialiased) and normalise."""
+    return T.Compose([T.Resize((size, size), interpolation=InterpolationMode.BICUBIC, antialias=True)]
+                     + _to_tensor(mean, std))

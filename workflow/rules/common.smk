@@ -3,7 +3,8 @@
 from cribo.config import ConfigError, dataset_root, resolve_runs, run_id, short_hash
 
 EXPERIMENT = config["experiment"]
-RUNS = resolve_runs(config)
+CONFIG_SOURCE = " + ".join(["config/config.yaml", *map(str, workflow.overwrite_configfiles)])
+RUNS = resolve_runs(config, CONFIG_SOURCE)
 RUN_IDS = {name: run_id(cfg) for name, cfg in RUNS.items()}
 _twins = [n for n in RUNS if list(RUN_IDS.values()).count(RUN_IDS[n]) > 1]
 if _twins:

@@ -274,7 +274,7 @@ def train_one_epoch(student_ddp, student, teacher, dino_loss, loader, optimizer,
         losses.append(loss.item())
         if show_progress:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_schedule[it]:.2e}",
-                            img_s=f"{(i + 1) * batch / (time.time() - start):.0f}")
+                            img_s=f"{(i + 1) * batch / (time.time() - start):.0f}", refresh=False)
     return {"loss": float(np.mean(losses)), "lr": float(lr_schedule[epoch * steps + steps - 1]),
             "wd": float(wd_schedule[epoch * steps + steps - 1]),
             "momentum": float(momentum_schedule[epoch * steps + steps - 1]),

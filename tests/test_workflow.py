@@ -1,0 +1,79 @@
+"""The Snakemake DAG: dry runs, config validation, and what a failed rule leaves behind.
+
+Each test copies the workflow into a temporary folder so it never touches the project's results.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _workdir(tmp_path, **changes) -> Path:
+    for name in ("Snakefile", "workflow", "config", "profiles"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    cfg = yaml.safe_load((ROOT / "config" / "ci.yaml").read_text())
+    for dotted, value in changes.items():
+        node = cfg
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    (tmp_path / "config" / "test.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp_path
+
+
+def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([str(BIN / "snakemake"), "--configfile", "config/test.yaml", *args],
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_dry_run_plans_every_stage(tmp_path):
+    out = _snakemake(_workdir(tmp_path), "-n")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout + out.stderr
+    # ci.yaml: 3 runs; 2 splits each; fractions [1.0 (one seed), 0.25 (two seeds)] -> 3 rows per run
+    for rule, count in (("download_toyscenes", 1), ("run_config", 3), ("pretrain", 3), ("extract", 6),
+                        ("eval_incontext", 9), ("table", 1)):
+        assert any(line.split() == [rule, str(count)] for line in text.splitlines()), (rule, text[-2000:])
+
+
+def test_workflow_config_typo_names_the_key(tmp_path):
+    out = _snakemake(_workdir(tmp_path, evaluate__incontext__temprature=0.1), "-n")
+    assert out.returncode != 0
+    assert "temprature" in out.stderr + out.stdout
+
+
+def test_run_config_typo_names_the_key_and_the_file(tmp_path):
+    out = _snakemake(_workdir(tmp_path, pretrain__optim__lrate=0.1), "-n")
+    assert out.returncode != 0
+    text = out.stderr + out.stdout
+    assert "'lrate'" in text and "config/test.yaml" in text
+
+
+@pytest.mark.slow
+def test_failed_pretrain_leaves_no_completion_marker_and_no_table(tmp_path):
+    # 8 training images cannot fill a batch of 32: the DINO run fails, the baselines succeed
+    workdir = _workdir(tmp_path, dataset__toyscenes__num_train=8, dataset__toyscenes__num_val=4,
+                       runs={"random": {"method": "random"}, "dino": {"method": "dino"}})
+    out = _snakemake(workdir, "--cores", "2", "--keep-going")
+    assert out.returncode != 0
+    summaries = {p.parent.parent.name: p for p in workdir.glob("results/ci/*/pretrain/summary.json")}
+    runs = subprocess.run([str(BIN / "cribo"), "config", "runs", "--config", "config/test.yaml"], cwd=workdir,
+                          capture_output=True, text=True, check=True).stdout.split("\n")
+    ids = dict(line.split("\t")[:2] for line in runs if line)
+    assert ids["random"] in summaries and ids["dino"] not in summaries
+    assert not (workdir / "results" / "tables" / "incontext.csv").exists()
+    log = (workdir / "logs" / "ci" / ids["dino"] / "pretrain.log").read_text()
+    assert "fewer than one global batch" in log
+    assert json.loads(summaries[ids["random"]].read_text())["method"] == "random"

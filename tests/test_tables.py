@@ -38,6 +38,7 @@ def test_write_tables_from_folders(tmp_path):
     assert csv.set_index("method").miou["pixels"] == 35.5
     md = paths["md"].read_text()
     assert md.startswith("| experiment |") and "35.50" in md
+    assert "| 1 |" in md  # fractions print exactly (0.125 would not become 0.12)
     metrics = json.loads(paths["metrics"].read_text())
     assert metrics["incontext_miou"]["toy"]["pixels"]["toyscenes_f1.0"] == 35.5
 

@@ -63,6 +63,9 @@ def build_incontext_table(rows: list[dict]) -> pd.DataFrame:
 
 
 def to_markdown(table: pd.DataFrame) -> str:
+    table = table.copy()
+    if "fraction" in table:  # 0.125 must not print as 0.12
+        table["fraction"] = table["fraction"].map(lambda f: f"{f:g}" if isinstance(f, float) else str(f))
     header = "| " + " | ".join(table.columns) + " |"
     rule = "|" + "|".join("---" for _ in table.columns) + "|"
     lines = [header, rule]

@@ -8,6 +8,8 @@ rule run_config:
         f"{RUN_DIR}/pretrain/run.yaml",
     log:
         "logs/{experiment}/{run_id}/run_config.log",
+    benchmark:
+        "logs/benchmarks/{experiment}/{run_id}/run_config.tsv"
     params:
         cfg=lambda wc: RUNS[RUN_NAME[wc.run_id]],
     run:

@@ -1,0 +1,110 @@
+"""CrIBo's object memory bank and its cycle-consistent nearest-neighbour retrieval.
+
+The bank stores, for the last ``Q`` images, the teacher's object vectors of both views as *paired*
+entries (row ``j`` of slot 0 is view 1 of an object, row ``j`` of slot 1 is view 2 of the same
+object). Images contribute a variable number of objects, so the bank keeps a FIFO of per-image
+object counts; the valid rows are the most recent ``sum(counts)`` rows. As in the official code,
+it starts full of ``U(0, 1)`` vectors with ``K`` objects per image, is identical on every process
+(callers enqueue all-gathered objects), and retrieval happens before enqueueing, so a batch never
+retrieves itself.
+
+Differences from the official implementation that do not change results: a ring buffer instead
+of shifting the whole bank every step, and an L2-normalised copy kept up to date row by row
+instead of renormalising the whole bank at every step.
+
+Retrieval of a query object ``q1[k]`` (view 1) is cycle-consistent when its nearest bank entry
+(among view-1 entries) leads, through that entry's view-2 twin, back to ``q2[k]`` as the nearest
+of the current batch's view-2 objects; symmetrically for view 2. Only cycle-consistent pairs feed
+the cross-image loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Retrieval:
+    """Nearest bank entries of a batch's objects (``M`` objects, ``D`` dims).
+
+    ``nn_view1``: ``2 x M x D`` bank rows (both views, un-normalised) nearest to ``q1`` among view-1
+    entries; ``nn_view2`` likewise for ``q2`` among view-2 entries; ``cycle1``/``cycle2``: ``M``
+    booleans, the cycle check of each direction.
+    """
+
+    nn_view1: torch.Tensor
+    nn_view2: torch.Tensor
+    cycle1: torch.Tensor
+    cycle2: torch.Tensor
+
+
+class ObjectMemoryBank:
+    def __init__(self, num_images: int, max_objects: int, dim: int, device: torch.device | str = "cpu",
+                 generator: torch.Generator | None = None):
+        if num_images < 1 or max_objects < 1:
+            raise ValueError(f"num_images ({num_images}) and max_objects ({max_objects}) must be >= 1")
+        self.num_images, self.max_objects, self.dim = num_images, max_objects, dim
+        self.capacity = num_images * max_objects
+        self.entries = torch.rand(2, self.capacity, dim, generator=generator).to(device)  # 2 x C x D
+        self.normed = F.normalize(self.entries, dim=-1)
+        self.counts = torch.full((num_images,), max_objects, dtype=torch.long)  # newest first
+        self.head = 0  # next row to write; the newest rows end just before it
+
+    @property
+    def num_valid(self) -> int:
+        return int(self.counts.sum())
+
+    def valid_rows(self) -> torch.Tensor:
+        """Indices of the valid rows, newest first."""
+        return (self.head - 1 - torch.arange(self.num_valid)) % self.capacity
+
+    @torch.no_grad()
+    def enqueue(self, objects_view1: torch.Tensor, objects_view2: torch.Tensor, counts: torch.Tensor) -> None:
+        """Add ``M x D`` paired objects of a batch of images holding ``counts`` (``B``) objects each.
+
+        Images are ordered as in ``counts``; after the call the last image of the batch is the newest.
+        """
+        counts = counts.to("cpu", torch.long)
+        if int(counts.sum()) != objects_view1.shape[0] or objects_view1.shape != objects_view2.shape:
+            raise ValueError(f"{objects_view1.shape[0]} objects given for counts summing to {int(counts.sum())}")
+        if counts.numel() and int(counts.max()) > self.max_objects:
+            raise ValueError(f"an image has {int(counts.max())} objects, more than max_objects={self.max_objects}")
+        # only the newest num_images images can stay: older ones of this batch are dropped at once
+        keep_images = min(len(counts), self.num_images)
+        new_rows = int(counts[len(counts) - keep_images:].sum())
+        new1, new2 = objects_view1[objects_view1.shape[0] - new_rows:], objects_view2[objects_view2.shape[0] - new_rows:]
+        rows = (self.head + torch.arange(new_rows)) % self.capacity
+        entries = torch.stack([new1, new2]).to(self.entries.dtype)
+        self.entries[:, rows.to(self.entries.device)] = entries
+        self.normed[:, rows.to(self.entries.device)] = F.normalize(entries, dim=-1)
+        self.head = (self.head + new_rows) % self.capacity
+        self.counts = torch.cat([counts[len(counts) - keep_images:].flip(0), self.counts])[: self.num_images]
+
+    @torch.no_grad()
+    def retrieve(self, q1: torch.Tensor, q2: torch.Tensor, chunk: int = 65536) -> Retrieval:
+        """Top-1 neighbours of ``M x D`` objects ``q1`` (view 1) and ``q2`` (view 2), with cycle checks."""
+        rows = self.valid_rows().to(self.entries.device)
+        q1n, q2n = F.normalize(q1.float(), dim=-1), F.normalize(q2.float(), dim=-1)
+        j1 = rows[_nearest(q1n, self.normed[0], rows, chunk)]
+        j2 = rows[_nearest(q2n, self.normed[1], rows, chunk)]
+        arange = torch.arange(q1.shape[0], device=q1.device)
+        # cycle 1: view-1 NN -> its view-2 twin -> nearest current view-2 object must be q2[k]
+        cycle1 = (self.normed[1, j1] @ q2n.T).argmax(dim=1) == arange
+        cycle2 = (self.normed[0, j2] @ q1n.T).argmax(dim=1) == arange
+        return Retrieval(self.entries[:, j1], self.entries[:, j2], cycle1, cycle2)
+
+
+def _nearest(queries: torch.Tensor, bank: torch.Tensor, rows: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Position in ``rows`` of each query's most similar bank row (``M``), scanning the bank in chunks."""
+    best_sim = torch.full((queries.shape[0],), -float("inf"), device=queries.device)
+    best_pos = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
+    for start in range(0, rows.numel(), chunk):
+        sims = queries @ bank[rows[start:start + chunk]].T  # M x chunk
+        value, pos = sims.max(dim=1)
+        better = value > best_sim
+        best_sim = torch.where(better, value, best_sim)
+        best_pos = torch.where(better, pos + start, best_pos)
+    return best_pos

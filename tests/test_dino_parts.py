@@ -96,3 +96,23 @@ def test_views_sizes_determinism_and_normalisation():
     grey = eval_transform(8)(Image.new("RGB", (20, 20), (128, 128, 128)))
     assert grey.shape == (3, 8, 8)
     assert grey[1, 0, 0].item() == pytest.approx((128 / 255 - 0.456) / 0.224, rel=1e-5)
+
+
+def test_crop_position_maps_follow_the_crop_and_the_flip():
+    from cribo.method.views import CrIBoViews, patch_positions
+
+    views = CrIBoViews(size=8)
+    image = Image.new("RGB", (40, 20))
+    _, pos = views.crop_with_positions(image, box=(4, 10, 8, 16), flip=False)
+    # output pixel u samples original x = left + (u + 0.5) * w / S - 0.5 = 10.5 + 2u; y = top + v
+    for u in range(2, 6):  # interior: bicubic reproduces a linear ramp exactly
+        assert pos[0, 3, u].item() == pytest.approx(10.5 + 2 * u, abs=1e-4)
+        assert pos[1, u, 3].item() == pytest.approx(4 + u, abs=1e-4)
+    _, flipped = views.crop_with_positions(image, box=(4, 10, 8, 16), flip=True)
+    assert torch.allclose(flipped, pos.flip(-1))
+    # a 4-pixel patch's mean x is the mean of its four columns
+    grid = patch_positions(pos[None], 4)
+    assert grid.shape == (1, 4, 2)
+    assert grid[0, 1, 0].item() == pytest.approx(pos[0, :4, 4:8].mean().item(), rel=1e-5)
+    views_out, pos_out = views(image)
+    assert [tuple(v.shape) for v in views_out] == [(3, 8, 8)] * 2 and [tuple(p.shape) for p in pos_out] == [(2, 8, 8)] * 2

@@ -3,13 +3,20 @@
 Two global views with asymmetric colour pipelines (view 1: blur always; view 2: blur rarely,
 solarisation sometimes), plus optional smaller local views. CrIBo uses global crops of scale
 (0.25, 1) and no local crops; DINO uses (0.4, 1) plus local crops. Built on torchvision v2.
+
+:class:`CrIBoViews` also returns, for each view, a map of original-image coordinates: the same
+crop and flip are applied to a grid holding every pixel's (x, y), so after averaging over a patch
+each token knows where in the original image it looks. That is how the two views are aligned
+(through the clustering's spatial term), with no box projection.
 """
 
 from __future__ import annotations
 
 import torch
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
 
 from cribo.data.segmentation import IMAGENET_MEAN, IMAGENET_STD
 
@@ -48,6 +55,43 @@ class DINOViews:
         views = [self.global_1(image), self.global_2(image)]
         views.extend(self.local(image) for _ in range(self.num_local_crops))
         return views
+
+
+class CrIBoViews:
+    """``__call__(PIL image) -> (views, positions)``: two ``3 x S x S`` views and their ``2 x S x S``
+    maps of original-image (x, y) pixel coordinates (bicubic resampling of the coordinate grid, as
+    the official code does)."""
+
+    def __init__(self, size: int = 96, scale: tuple[float, float] = (0.25, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.size, self.scale = size, scale
+        tail = _to_tensor(mean, std)
+        self.colour_1 = T.Compose(_colour() + [_blur(size, 1.0)] + tail)
+        self.colour_2 = T.Compose(_colour() + [_blur(size, 0.1), T.RandomSolarize(threshold=128, p=0.2)] + tail)
+
+    def crop_with_positions(self, image, box: tuple[int, int, int, int] | None = None, flip: bool | None = None):
+        """Crop ``box = (top, left, height, width)`` (random when None), resize, maybe flip."""
+        width, height = image.size
+        top, left, h, w = box or RandomResizedCrop.get_params(image, self.scale, (3 / 4, 4 / 3))
+        ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
+                                indexing="ij")
+        grid = torch.stack([xs, ys])
+        crop = TF.resized_crop(image, top, left, h, w, [self.size, self.size],
+                               interpolation=InterpolationMode.BICUBIC, antialias=True)
+        positions = TF.resized_crop(grid, top, left, h, w, [self.size, self.size],
+                                    interpolation=InterpolationMode.BICUBIC, antialias=False)
+        if (torch.rand(()) < 0.5) if flip is None else flip:
+            crop, positions = TF.horizontal_flip(crop), TF.horizontal_flip(positions)
+        return crop, positions
+
+    def __call__(self, image) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        (crop1, pos1), (crop2, pos2) = self.crop_with_positions(image), self.crop_with_positions(image)
+        return [self.colour_1(crop1), self.colour_2(crop2)], [pos1, pos2]
+
+
+def patch_positions(positions: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Mean original coordinate of each patch: ``B x 2 x S x S`` -> ``B x N x 2`` (row-major patches)."""
+    pooled = torch.nn.functional.avg_pool2d(positions, patch_size)  # B x 2 x h x w
+    return pooled.flatten(2).transpose(1, 2)
 
 
 def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:

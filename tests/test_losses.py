@@ -1,0 +1,83 @@
+"""CrIBo loss terms on tiny cases computed by hand, including the official normalisation quirk."""
+
+import math
+
+import pytest
+import torch
+
+from cribo.method.losses import CrIBoLoss, cross_image_object_loss, cross_view_object_loss, teacher_probs
+
+
+def _h(p, logits, temp):
+    """-sum p log softmax(logits / temp), by hand."""
+    exps = [math.exp(v / temp) for v in logits]
+    return -sum(pi * math.log(e / sum(exps)) for pi, e in zip(p, exps))
+
+
+def test_teacher_probs_centre_and_sharpen():
+    out = teacher_probs(torch.tensor([[1.0, 3.0]]), torch.tensor([[1.0, 1.0]]), 0.5)
+    # (0, 2) / 0.5 = (0, 4) -> softmax
+    assert out[0].tolist() == pytest.approx([1 / (1 + math.e ** 4), math.e ** 4 / (1 + math.e ** 4)])
+
+
+def test_cross_view_object_loss_by_hand():
+    t1 = torch.tensor([[0.7, 0.3], [0.5, 0.5]])
+    t2 = torch.tensor([[0.1, 0.9], [1.0, 0.0]])
+    s1 = torch.tensor([[0.2, 0.0], [0.0, 0.1]])
+    s2 = torch.tensor([[0.0, 0.3], [0.1, 0.1]])
+    got = cross_view_object_loss(t1, t2, s1, s2, 0.1).item()
+    expect = ((_h([0.7, 0.3], [0.0, 0.3], 0.1) + _h([0.5, 0.5], [0.1, 0.1], 0.1)) / 2
+              + (_h([0.1, 0.9], [0.2, 0.0], 0.1) + _h([1.0, 0.0], [0.0, 0.1], 0.1)) / 2) / 2
+    assert got == pytest.approx(expect, rel=1e-5)
+
+
+def _cross_image_case():
+    nn1 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    nn2 = torch.tensor([[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]])
+    s1 = torch.tensor([[0.1, 0.0], [0.0, 0.2], [0.3, 0.0]])
+    s2 = torch.tensor([[0.0, 0.0], [0.2, 0.0], [0.0, 0.1]])
+    return nn1, nn2, s1, s2
+
+
+def test_cross_image_official_divides_both_directions_by_the_first_count():
+    nn1, nn2, s1, s2 = _cross_image_case()
+    cycle1 = torch.tensor([True, False, True])   # 2 consistent objects in direction 1
+    cycle2 = torch.tensor([False, True, True])   # 2 in direction 2, but the official code divides by 2 anyway
+    cycle2b = torch.tensor([True, True, True])   # 3 in direction 2: still divided by |cycle1| = 2
+    term1 = _h([1, 0], [0.0, 0.0], 0.1) + _h([0.5, 0.5], [0.0, 0.1], 0.1)
+    term2 = _h([0.5, 0.5], [0.0, 0.2], 0.1) + _h([1, 0], [0.3, 0.0], 0.1)
+    term2b = term2 + _h([0, 1], [0.1, 0.0], 0.1)
+    got = cross_image_object_loss(nn1, nn2, s1, s2, cycle1, cycle2b, 0.1).item()
+    assert got == pytest.approx((term1 / 2 + term2b / 2) / 2, rel=1e-5)
+    fixed = cross_image_object_loss(nn1, nn2, s1, s2, cycle1, cycle2b, 0.1, norm="per_direction").item()
+    assert fixed == pytest.approx((term1 / 2 + term2b / 3) / 2, rel=1e-5)
+    same = cross_image_object_loss(nn1, nn2, s1, s2, cycle1, cycle2, 0.1).item()
+    assert same == pytest.approx((term1 / 2 + term2 / 2) / 2, rel=1e-5)
+
+
+def test_cross_image_skipped_when_the_first_direction_has_no_consistent_object():
+    nn1, nn2, s1, s2 = _cross_image_case()
+    none, some = torch.zeros(3, dtype=torch.bool), torch.tensor([True, False, False])
+    assert cross_image_object_loss(nn1, nn2, s1, s2, none, some, 0.1).item() == 0.0
+    per_direction = cross_image_object_loss(nn1, nn2, s1, s2, none, some, 0.1, norm="per_direction").item()
+    assert per_direction == pytest.approx(_h([0, 1], [0.1, 0.0], 0.1) / 2, rel=1e-5)
+
+
+def test_full_loss_off_before_the_start_epoch_and_object_centre_update():
+    torch.manual_seed(0)
+    loss = CrIBoLoss(out_dim=3, object_out_dim=2, teacher_temp_schedule=[0.5, 0.5], center_momentum=0.9)
+    cls = [torch.randn(2, 3), torch.randn(2, 3)]
+    t_obj = (torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 3.0]]))
+    s_obj = (torch.zeros(1, 2, requires_grad=True), torch.zeros(1, 2, requires_grad=True))
+    neighbours = (torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]]))
+    cycle = (torch.tensor([True]), torch.tensor([True]))
+    out0 = loss(cls, cls, s_obj, t_obj, neighbours, cycle, epoch=0)
+    assert out0["cross_image"].item() == 0.0  # epoch 0 only fills the bank
+    # centre of objects: 0.1 * mean([1, 0], [0, 3]) = (0.05, 0.15)
+    assert loss.center_obj[0].tolist() == pytest.approx([0.05, 0.15])
+    out1 = loss(cls, cls, s_obj, t_obj, neighbours, cycle, epoch=1)
+    assert out1["cross_image"].item() > 0
+    assert out1["loss"].item() == pytest.approx(
+        (out1["global"] + out1["cross_view"] + out1["cross_image"]).item(), rel=1e-6)
+    out1["loss"].backward()
+    assert s_obj[0].grad is not None and s_obj[0].grad.abs().sum() > 0

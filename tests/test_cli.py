@@ -103,3 +103,29 @@ def test_console_script_help_documents_every_subcommand():
     out = subprocess.run([sys.executable, "-m", "cribo.cli", "eval", "incontext", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--temperature" in out and "--memory-size" in out
+
+
+def test_cribo_trains_with_bank_and_logs_its_losses(tmp_path, tiny_voc):
+    cfg = _run_config(tmp_path, tiny_voc, "cribo",
+                      dino={"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "warmup_teacher_temp_epochs": 0},
+                      cribo={"num_clusters": 4, "object_out_dim": 32, "queue_size": 8},
+                      optim={"epochs": 2, "batch_size": 3, "warmup_epochs": 0})
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--output-dir", str(out)]) == 0
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [entry["epoch"] for entry in log] == [0, 1]
+    for entry in log:
+        assert {"global", "cross_view", "cross_image", "objects_per_image", "cycle_fraction"} <= set(entry)
+        assert 1 <= entry["objects_per_image"] <= 4
+    assert log[0]["cross_image"] == 0.0  # epoch 0 only fills the bank
+    from cribo.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    assert ckpt["memory_bank"]["entries"].shape == (2, 8 * 4, 32)
+    assert set(ckpt["dino_loss"]) == {"center_obj", "global_loss.center"}
+    # the teacher backbone of a CrIBo checkpoint serves the evaluations like any other
+    (tiny_voc / "ImageSets/Segmentation/trainaug.txt").write_text(
+        (tiny_voc / "ImageSets/Segmentation/train.txt").read_text())
+    assert main(["eval", "incontext", "--checkpoint", str(out / "checkpoint.pth"), "--dataset", "voc",
+                 "--data-root", str(tiny_voc), "--k", "5", "--out", str(tmp_path / "row.json"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "row.json").read_text())["method"] == "cribo"

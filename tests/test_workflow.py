@@ -45,9 +45,9 @@ def test_dry_run_plans_every_stage_even_with_committed_tables(tmp_path):
     out = _snakemake(workdir, "-n")
     assert out.returncode == 0, out.stderr
     text = out.stdout + out.stderr
-    # ci.yaml: 3 runs; 2 splits each; fractions [1.0 (one seed), 0.25 (two seeds)] -> 3 rows per run
-    for rule, count in (("download_toyscenes", 1), ("run_config", 3), ("pretrain", 3), ("extract", 6),
-                        ("eval_incontext", 9), ("table", 1)):
+    # ci.yaml: 4 runs; 2 splits each; fractions [1.0 (one seed), 0.25 (two seeds)] -> 3 rows per run
+    for rule, count in (("download_toyscenes", 1), ("run_config", 4), ("pretrain", 4), ("extract", 8),
+                        ("eval_incontext", 12), ("table", 1)):
         assert any(line.split() == [rule, str(count)] for line in text.splitlines()), (rule, text[-2000:])
 
 

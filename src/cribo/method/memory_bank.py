@@ -61,6 +61,18 @@ class ObjectMemoryBank:
         """Indices of the valid rows, newest first."""
         return (self.head - 1 - torch.arange(self.num_valid)) % self.capacity
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"entries": self.entries.cpu(), "counts": self.counts.clone(), "head": torch.tensor(self.head)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if tuple(state["entries"].shape) != tuple(self.entries.shape):
+            raise ValueError(f"memory bank of shape {tuple(state['entries'].shape)} cannot be loaded into one of "
+                             f"shape {tuple(self.entries.shape)} (queue_size, num_clusters or width differ)")
+        self.entries = state["entries"].to(self.entries.device)
+        self.normed = F.normalize(self.entries, dim=-1)
+        self.counts = state["counts"].clone()
+        self.head = int(state["head"])
+
     @torch.no_grad()
     def enqueue(self, objects_view1: torch.Tensor, objects_view2: torch.Tensor, counts: torch.Tensor) -> None:
         """Add ``M x D`` paired objects of a batch of images holding ``counts`` (``B``) objects each.

@@ -29,13 +29,16 @@ from tqdm import tqdm
 from cribo.config import atomic_write_text, provenance, write_run_config
 from cribo.data.images import UnlabeledImages, list_pretrain_images
 from cribo.data.segmentation import IMAGENET_MEAN, IMAGENET_STD
+from cribo.method.cribo import ClusteringSettings, ObjectNet, cribo_step
 from cribo.method.dino import DINOLoss
+from cribo.method.losses import CrIBoLoss, LossWeights
+from cribo.method.memory_bank import ObjectMemoryBank
 from cribo.method.schedules import cosine_schedule, linear_warmup_then_constant
-from cribo.method.views import DINOViews, eval_transform
+from cribo.method.views import CrIBoViews, DINOViews, eval_transform
 from cribo.models.backbones import build_vit
 from cribo.models.heads import DINOHead, cancel_last_layer_gradients
 from cribo.train.checkpoint import load_checkpoint, save_checkpoint
-from cribo.train.distributed import DistInfo, barrier, cleanup, init_distributed
+from cribo.train.distributed import DistInfo, all_gather_variable, barrier, cleanup, init_distributed
 
 CHECKPOINT_NAME = "checkpoint.pth"
 
@@ -126,7 +129,8 @@ def train(cfg: dict, output_dir: str | Path) -> Path:
         write_run_config(cfg, output_dir / "config.yaml")
         atomic_write_text(output_dir / "provenance.json", json.dumps(provenance(dist_info.world_size), indent=2))
     try:
-        trainer = {"dino": train_dino, "random": save_random, "pixels": fit_pixel_mean}[cfg["method"]]
+        trainer = {"dino": train_self_distillation, "cribo": train_self_distillation,
+                   "random": save_random, "pixels": fit_pixel_mean}[cfg["method"]]
         trainer(cfg, output_dir, dist_info)
     finally:
         barrier()
@@ -160,25 +164,34 @@ def fit_pixel_mean(cfg: dict, output_dir: Path, dist_info: DistInfo) -> None:
         save_checkpoint(state, output_dir / CHECKPOINT_NAME)
 
 
-def train_dino(cfg: dict, output_dir: Path, dist_info: DistInfo) -> None:
+def train_self_distillation(cfg: dict, output_dir: Path, dist_info: DistInfo) -> None:
+    """DINO or CrIBo: student, EMA teacher, schedules, resume, one checkpoint per epoch."""
+    method = cfg["method"]
     device, model_cfg, dino_cfg, optim_cfg = dist_info.device, cfg["model"], cfg["dino"], cfg["optim"]
+    cribo_cfg = cfg["cribo"]
 
     # ============ data ============
-    views = DINOViews(global_size=model_cfg["img_size"], local_size=dino_cfg["local_crop_size"],
-                      num_local_crops=dino_cfg["local_crops_number"],
-                      global_scale=tuple(dino_cfg["global_crops_scale"]),
-                      local_scale=tuple(dino_cfg["local_crops_scale"]))
+    if method == "dino":
+        views = DINOViews(global_size=model_cfg["img_size"], local_size=dino_cfg["local_crop_size"],
+                          num_local_crops=dino_cfg["local_crops_number"],
+                          global_scale=tuple(dino_cfg["global_crops_scale"]),
+                          local_scale=tuple(dino_cfg["local_crops_scale"]))
+    else:  # CrIBo: two global views with their original-image position maps, no local crops
+        views = CrIBoViews(model_cfg["img_size"], tuple(dino_cfg["global_crops_scale"]))
     dataset = UnlabeledImages(list_pretrain_images(cfg["data"]["root"], cfg["data"]["split"]), views)
     loader = _loader(dataset, cfg, dist_info, shuffle_seed=cfg["seed"])
     steps_per_epoch = len(loader)
     epochs = optim_cfg["epochs"]
 
     # ============ student and teacher ============
-    def make(drop_path: float) -> MultiCropWrapper:
+    object_dim = cribo_cfg["object_out_dim"] if method == "cribo" else None
+
+    def make(drop_path: float) -> nn.Module:
         backbone = build_vit(model_cfg, drop_path_rate=drop_path)
         head = DINOHead(backbone.embed_dim, dino_cfg["out_dim"], hidden_dim=dino_cfg["hidden_dim"],
-                        bottleneck_dim=dino_cfg["bottleneck_dim"], norm_last_layer=dino_cfg["norm_last_layer"])
-        return MultiCropWrapper(backbone, head).to(device)
+                        bottleneck_dim=dino_cfg["bottleneck_dim"], norm_last_layer=dino_cfg["norm_last_layer"],
+                        object_out_dim=object_dim)
+        return (MultiCropWrapper if method == "dino" else ObjectNet)(backbone, head).to(device)
 
     student = make(model_cfg["drop_path_rate"])
     teacher = make(0.0)
@@ -196,14 +209,47 @@ def train_dino(cfg: dict, output_dir: Path, dist_info: DistInfo) -> None:
     temp_warmup = min(dino_cfg["warmup_teacher_temp_epochs"], epochs) if epochs > 2 else 0
     teacher_temps = linear_warmup_then_constant(dino_cfg["warmup_teacher_temp"], dino_cfg["teacher_temp"],
                                                 temp_warmup, epochs)
-    dino_loss = DINOLoss(dino_cfg["out_dim"], teacher_temps, student_temp=dino_cfg["student_temp"],
-                         center_momentum=dino_cfg["center_momentum"]).to(device)
+    bank = None
+    if method == "dino":
+        loss_fn = DINOLoss(dino_cfg["out_dim"], teacher_temps, student_temp=dino_cfg["student_temp"],
+                           center_momentum=dino_cfg["center_momentum"]).to(device)
+    else:
+        weights = cribo_cfg["loss_weights"]
+        loss_fn = CrIBoLoss(dino_cfg["out_dim"], object_dim, teacher_temps, student_temp=dino_cfg["student_temp"],
+                            center_momentum=dino_cfg["center_momentum"],
+                            weights=LossWeights(weights["global"], weights["cross_view"], weights["cross_image"]),
+                            cross_image_norm=cribo_cfg["cross_image_norm"],
+                            cross_image_start_epoch=cribo_cfg["cross_image_start_epoch"]).to(device)
+        if cribo_cfg["memory_bank"]:
+            bank = ObjectMemoryBank(cribo_cfg["queue_size"], cribo_cfg["num_clusters"], student.backbone.embed_dim,
+                                    device=device)
     optimizer = torch.optim.AdamW(param_groups(student))
     total_batch = optim_cfg["batch_size"] * dist_info.world_size
     lr_schedule = cosine_schedule(optim_cfg["lr"] * total_batch / 256.0, optim_cfg["min_lr"], epochs,
                                   steps_per_epoch, warmup_epochs=warmup)
     wd_schedule = cosine_schedule(optim_cfg["weight_decay"], optim_cfg["weight_decay_end"], epochs, steps_per_epoch)
     momentum_schedule = cosine_schedule(dino_cfg["momentum_teacher"], 1.0, epochs, steps_per_epoch)
+
+    # ============ the method's step: batch -> dict of losses (key "loss" is optimised) ============
+    if method == "dino":
+        def step(batch, epoch):
+            crops = [c.to(device, non_blocking=True) for c in batch]
+            with torch.no_grad():  # only the two global views pass through the teacher
+                teacher_out = teacher(crops[:2]).chunk(2)
+            student_out = student_ddp(crops).chunk(len(crops))
+            return {"loss": loss_fn(list(student_out), list(teacher_out), epoch)}
+    else:
+        settings = ClusteringSettings(cribo_cfg["num_clusters"], cribo_cfg["pos_alpha"], cribo_cfg["sinkhorn_lambda"],
+                                      cribo_cfg["sinkhorn_iterations"], cribo_cfg["clustering_rounds"],
+                                      cribo_cfg["hard_assignment"], cribo_cfg["update_marginal"],
+                                      cribo_cfg["cycle_check"])
+
+        def step(batch, epoch):
+            views_, positions = batch
+            views_ = [v.to(device, non_blocking=True) for v in views_]
+            positions = [p.to(device, non_blocking=True) for p in positions]
+            return cribo_step(student_ddp, teacher, loss_fn, bank, views_, positions, epoch, settings,
+                              gather=all_gather_variable)
 
     # ============ resume ============
     start_epoch = 0
@@ -213,7 +259,9 @@ def train_dino(cfg: dict, output_dir: Path, dist_info: DistInfo) -> None:
         student.load_state_dict(ckpt["student"])
         teacher.load_state_dict(ckpt["teacher"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        dino_loss.load_state_dict(ckpt["dino_loss"])
+        loss_fn.load_state_dict(ckpt["dino_loss"])
+        if bank is not None:
+            bank.load_state_dict(ckpt["memory_bank"])
         start_epoch = int(ckpt["epoch"])
         if dist_info.is_main:
             print(f"resuming from {ckpt_path} at epoch {start_epoch}/{epochs}", flush=True)
@@ -225,40 +273,38 @@ def train_dino(cfg: dict, output_dir: Path, dist_info: DistInfo) -> None:
             loader.sampler.set_epoch(epoch)
         else:
             loader.sampler.generator.manual_seed(cfg["seed"] * 10_000 + epoch)
-        stats = train_one_epoch(student_ddp, student, teacher, dino_loss, loader, optimizer, lr_schedule,
-                                wd_schedule, momentum_schedule, epoch, cfg, device, show)
+        stats = train_one_epoch(step, student, teacher, loader, optimizer, lr_schedule, wd_schedule,
+                                momentum_schedule, epoch, cfg, show)
         if dist_info.is_main:
-            state = _base_state(cfg, "dino", dist_info)
+            state = _base_state(cfg, method, dist_info)
             state.update(student=student.state_dict(), teacher=teacher.state_dict(),
-                         optimizer=optimizer.state_dict(), dino_loss=dino_loss.state_dict(), epoch=epoch + 1)
+                         optimizer=optimizer.state_dict(), dino_loss=loss_fn.state_dict(), epoch=epoch + 1)
+            if bank is not None:
+                state["memory_bank"] = bank.state_dict()
             save_checkpoint(state, ckpt_path)
             _log_line(output_dir, {"epoch": epoch, **stats})
 
 
-def train_one_epoch(student_ddp, student, teacher, dino_loss, loader, optimizer, lr_schedule, wd_schedule,
-                    momentum_schedule, epoch, cfg, device, show_progress) -> dict:
+def train_one_epoch(step, student, teacher, loader, optimizer, lr_schedule, wd_schedule, momentum_schedule,
+                    epoch, cfg, show_progress) -> dict:
     steps = len(loader)
     freeze_epochs, clip = cfg["dino"]["freeze_last_layer"], cfg["optim"]["clip_grad"]
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{cfg['optim']['epochs']}",
                disable=not show_progress, file=sys.stdout, mininterval=5)
-    losses, start = [], time.time()
-    for i, crops in enumerate(bar):
+    sums: dict[str, float] = {}
+    start, seen = time.time(), 0
+    for i, batch in enumerate(bar):
         it = epoch * steps + i
         for j, group in enumerate(optimizer.param_groups):
             # plain floats: numpy scalars in the optimizer state would make the checkpoint unsafe to load
             group["lr"] = float(lr_schedule[it])
             if j == 0:  # only the weight matrices are decayed
                 group["weight_decay"] = float(wd_schedule[it])
-        crops = [c.to(device, non_blocking=True) for c in crops]
-        batch = crops[0].shape[0]
 
-        with torch.no_grad():  # only the two global views pass through the teacher
-            teacher_out = teacher(crops[:2]).chunk(2)
-        student_out = student_ddp(crops).chunk(len(crops))
-        loss = dino_loss(list(student_out), list(teacher_out), epoch)
+        out = step(batch, epoch)
+        loss = out["loss"]
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {i}; stopping")
-
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if clip > 0:
@@ -271,11 +317,22 @@ def train_one_epoch(student_ddp, student, teacher, dino_loss, loader, optimizer,
             for p_s, p_t in zip(student.parameters(), teacher.parameters()):
                 p_t.mul_(m).add_(p_s.detach(), alpha=1 - m)
 
-        losses.append(loss.item())
+        for key, value in out.items():
+            value = value.item() if torch.is_tensor(value) else value
+            if value == value:  # NaN marks "not measured this step"
+                sums[key] = sums.get(key, 0.0) + value
+        seen += 1
         if show_progress:
+            images = (i + 1) * _batch_size(batch)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_schedule[it]:.2e}",
-                            img_s=f"{(i + 1) * batch / (time.time() - start):.0f}", refresh=False)
-    return {"loss": float(np.mean(losses)), "lr": float(lr_schedule[epoch * steps + steps - 1]),
-            "wd": float(wd_schedule[epoch * steps + steps - 1]),
-            "momentum": float(momentum_schedule[epoch * steps + steps - 1]),
-            "epoch_seconds": time.time() - start}
+                            img_s=f"{images / (time.time() - start):.0f}", refresh=False)
+    last = epoch * steps + steps - 1
+    return {**{k: v / seen for k, v in sums.items()}, "lr": float(lr_schedule[last]), "wd": float(wd_schedule[last]),
+            "momentum": float(momentum_schedule[last]), "epoch_seconds": time.time() - start}
+
+
+def _batch_size(batch) -> int:
+    first = batch[0]
+    while isinstance(first, (list, tuple)):
+        first = first[0]
+    return first.shape[0]

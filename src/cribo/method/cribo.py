@@ -1,0 +1,98 @@
+"""One CrIBo training step, composed from the pieces (views, clustering, bank, losses).
+
+Teacher (no gradient): both views through the backbone -> [CLS] logits and patch tokens; the
+tokens of both views are clustered jointly into objects; object vectors (means of un-normalised
+tokens) go through the object head; their bank neighbours are retrieved (before this batch is
+enqueued) and go through the *current* teacher head. Student: the same views, the teacher's
+assignment applied to its own tokens, the same heads. Then the three losses of
+:class:`cribo.method.losses.CrIBoLoss`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cribo.method.clustering import joint_view_clustering, object_vectors
+from cribo.method.losses import CrIBoLoss
+from cribo.method.memory_bank import ObjectMemoryBank
+from cribo.method.views import patch_positions
+from cribo.models.heads import DINOHead
+
+
+@dataclass(frozen=True)
+class ClusteringSettings:
+    num_clusters: int = 32
+    pos_alpha: float = 1.0
+    sinkhorn_lambda: float = 20.0
+    sinkhorn_iterations: int = 5
+    rounds: int = 5
+    hard_assignment: bool = True
+    update_marginal: bool = True
+    cycle_check: bool = True
+
+
+class ObjectNet(nn.Module):
+    """Backbone + head returning [CLS] logits, patch tokens and, given an assignment, object logits.
+
+    ``forward(2B x 3 x S x S, assignment B x 2N x K | None) -> (2B x K_img logits, 2B x N x D tokens,
+    (M x K_obj, M x K_obj) | None)``, the two views stacked view-major.
+    """
+
+    def __init__(self, backbone: nn.Module, head: DINOHead):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: torch.Tensor, assignment: torch.Tensor | None = None):
+        tokens = self.backbone.forward_features(images)  # 2B x (P + N) x D, after the final norm
+        prefix = self.backbone.num_prefix_tokens
+        cls_logits = self.head(tokens[:, 0])
+        patches = tokens[:, prefix:]
+        if assignment is None:
+            return cls_logits, patches, None
+        b = images.shape[0] // 2
+        obj1, obj2, _ = object_vectors(patches[:b], patches[b:], assignment)
+        return cls_logits, patches, (self.head.forward_objects(obj1), self.head.forward_objects(obj2))
+
+
+def cribo_step(student: nn.Module, teacher: ObjectNet, loss_fn: CrIBoLoss, bank: ObjectMemoryBank | None,
+               views: list[torch.Tensor], positions: list[torch.Tensor], epoch: int,
+               settings: ClusteringSettings, gather=None) -> dict[str, torch.Tensor | float]:
+    """Losses of one batch; enqueues the batch's objects into ``bank`` after retrieval.
+
+    Args:
+        student: the student :class:`ObjectNet` (possibly wrapped in DistributedDataParallel).
+        views: two ``B x 3 x S x S`` batches; positions: two ``B x 2 x S x S`` coordinate maps.
+        gather: ``fn(tensor) -> tensor`` concatenating a tensor over processes (identity when None),
+            so every process enqueues the same objects and the banks stay identical.
+    """
+    gather = gather or (lambda t: t)
+    b = views[0].shape[0]
+    images = torch.cat(views)
+    patch = teacher.backbone.patch_embed.patch_size[0]
+    with torch.no_grad():
+        t_cls, t_tokens, _ = teacher(images)
+        t1, t2 = t_tokens[:b].float(), t_tokens[b:].float()
+        pos = torch.cat([patch_positions(p.float(), patch) for p in positions], dim=1)  # B x 2N x 2
+        assignment = joint_view_clustering(
+            torch.cat([t1, t2], dim=1), pos, settings.num_clusters, settings.pos_alpha, settings.sinkhorn_lambda,
+            settings.sinkhorn_iterations, settings.rounds, settings.hard_assignment, settings.update_marginal)
+        obj1, obj2, valid = object_vectors(t1, t2, assignment)
+        t_obj = (teacher.head.forward_objects(obj1), teacher.head.forward_objects(obj2))
+        neighbours = cycle = None
+        cycle_fraction = float("nan")
+        if bank is not None:
+            found = bank.retrieve(obj1, obj2)
+            neighbours = (teacher.head.forward_objects(found.nn_view1[0]),
+                          teacher.head.forward_objects(found.nn_view2[1]))
+            cycle = (found.cycle1, found.cycle2)
+            if not settings.cycle_check:
+                cycle = (torch.ones_like(found.cycle1), torch.ones_like(found.cycle2))
+            cycle_fraction = found.cycle1.float().mean().item() if found.cycle1.numel() else 0.0
+            bank.enqueue(gather(obj1), gather(obj2), gather(valid.sum(dim=1)))
+    s_cls, _, s_obj = student(images, assignment)
+    losses = loss_fn(list(s_cls.chunk(2)), list(t_cls.chunk(2)), s_obj, t_obj, neighbours, cycle, epoch)
+    return {**losses, "objects_per_image": valid.sum(dim=1).float().mean().item(), "cycle_fraction": cycle_fraction}

@@ -109,6 +109,7 @@ def test_cribo_trains_with_bank_and_logs_its_losses(tmp_path, tiny_voc):
     cfg = _run_config(tmp_path, tiny_voc, "cribo",
                       dino={"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "warmup_teacher_temp_epochs": 0},
                       cribo={"num_clusters": 4, "object_out_dim": 32, "queue_size": 8},
+                      train={"device": "cpu", "num_workers": 0, "progress": False, "log_every": 2},
                       optim={"epochs": 2, "batch_size": 3, "warmup_epochs": 0})
     out = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--output-dir", str(out)]) == 0
@@ -118,6 +119,10 @@ def test_cribo_trains_with_bank_and_logs_its_losses(tmp_path, tiny_voc):
         assert {"global", "cross_view", "cross_image", "objects_per_image", "cycle_fraction"} <= set(entry)
         assert 1 <= entry["objects_per_image"] <= 4
     assert log[0]["cross_image"] == 0.0  # epoch 0 only fills the bank
+    steps = [json.loads(line) for line in (out / "log_steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [0, 2]  # 2 steps per epoch (6 images, batch 3), log_every 2
+    assert {"global", "cross_view", "cross_image", "objects_per_image", "cycle_fraction", "lr", "wd",
+            "momentum"} <= set(steps[0])
     from cribo.train.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(out / "checkpoint.pth")

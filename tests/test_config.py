@@ -78,3 +78,17 @@ def test_unreadable_config_names_the_file(tmp_path):
     listy.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(ConfigError, match="mapping"):
         load_yaml(listy)
+
+
+@pytest.mark.parametrize("name, arch, clusters, pos_alpha, total_batch, epochs", [
+    ("cribo_vits16_coco", "vit_small", 64, 2.0, 256, 300),
+    ("cribo_vits16_in1k", "vit_small", 32, 1.0, 1024, 800),
+    ("cribo_vitb16_in1k", "vit_base", 32, 1.0, 1024, 400),
+])
+def test_released_run_configs_validate_with_their_published_settings(name, arch, clusters, pos_alpha, total_batch, epochs):
+    cfg = validate_run_config(load_yaml(f"config/runs/{name}.yaml"), name)
+    assert cfg["method"] == "cribo" and cfg["model"]["arch"] == arch and cfg["model"]["patch_size"] == 16
+    assert cfg["cribo"]["num_clusters"] == clusters and cfg["cribo"]["pos_alpha"] == pos_alpha
+    assert cfg["cribo"]["queue_size"] == 25000 and cfg["dino"]["out_dim"] == cfg["cribo"]["object_out_dim"] == 65536
+    gpus = 16 if arch == "vit_base" else 8
+    assert cfg["optim"]["batch_size"] * gpus == total_batch and cfg["optim"]["epochs"] == epochs

@@ -107,8 +107,8 @@ def _loader(dataset, cfg: dict, dist_info: DistInfo, shuffle_seed: int) -> DataL
                       persistent_workers=cfg["train"]["num_workers"] > 0)
 
 
-def _log_line(output_dir: Path, record: dict) -> None:
-    with open(output_dir / "log.txt", "a") as fh:
+def _log_line(output_dir: Path, record: dict, name: str = "log.txt") -> None:
+    with open(output_dir / name, "a") as fh:
         fh.write(json.dumps(record) + "\n")
 
 
@@ -221,8 +221,9 @@ def train_self_distillation(cfg: dict, output_dir: Path, dist_info: DistInfo) ->
                             cross_image_norm=cribo_cfg["cross_image_norm"],
                             cross_image_start_epoch=cribo_cfg["cross_image_start_epoch"]).to(device)
         if cribo_cfg["memory_bank"]:
+            # the same initial contents on every rank (ranks have different seeds, the banks must not)
             bank = ObjectMemoryBank(cribo_cfg["queue_size"], cribo_cfg["num_clusters"], student.backbone.embed_dim,
-                                    device=device)
+                                    device=device, generator=torch.Generator().manual_seed(cfg["seed"]))
     optimizer = torch.optim.AdamW(param_groups(student))
     total_batch = optim_cfg["batch_size"] * dist_info.world_size
     lr_schedule = cosine_schedule(optim_cfg["lr"] * total_batch / 256.0, optim_cfg["min_lr"], epochs,
@@ -273,8 +274,9 @@ def train_self_distillation(cfg: dict, output_dir: Path, dist_info: DistInfo) ->
             loader.sampler.set_epoch(epoch)
         else:
             loader.sampler.generator.manual_seed(cfg["seed"] * 10_000 + epoch)
+        log_step = (lambda record: _log_line(output_dir, record, "log_steps.jsonl")) if dist_info.is_main else None
         stats = train_one_epoch(step, student, teacher, loader, optimizer, lr_schedule, wd_schedule,
-                                momentum_schedule, epoch, cfg, show)
+                                momentum_schedule, epoch, cfg, show, log_step)
         if dist_info.is_main:
             state = _base_state(cfg, method, dist_info)
             state.update(student=student.state_dict(), teacher=teacher.state_dict(),
@@ -286,7 +288,12 @@ def train_self_distillation(cfg: dict, output_dir: Path, dist_info: DistInfo) ->
 
 
 def train_one_epoch(step, student, teacher, loader, optimizer, lr_schedule, wd_schedule, momentum_schedule,
-                    epoch, cfg, show_progress) -> dict:
+                    epoch, cfg, show_progress, log_step=None) -> dict:
+    """One pass over ``loader``; ``step(batch, epoch)`` returns the losses (and logged extras).
+
+    Every ``train.log_every`` steps, ``log_step`` receives one record (losses, objects per image,
+    cycle-consistent fraction, lr, weight decay, teacher momentum); returns the epoch's means.
+    """
     steps = len(loader)
     freeze_epochs, clip = cfg["dino"]["freeze_last_layer"], cfg["optim"]["clip_grad"]
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{cfg['optim']['epochs']}",
@@ -317,11 +324,14 @@ def train_one_epoch(step, student, teacher, loader, optimizer, lr_schedule, wd_s
             for p_s, p_t in zip(student.parameters(), teacher.parameters()):
                 p_t.mul_(m).add_(p_s.detach(), alpha=1 - m)
 
-        for key, value in out.items():
-            value = value.item() if torch.is_tensor(value) else value
+        values = {k: (v.item() if torch.is_tensor(v) else v) for k, v in out.items()}
+        for key, value in values.items():
             if value == value:  # NaN marks "not measured this step"
                 sums[key] = sums.get(key, 0.0) + value
         seen += 1
+        if log_step is not None and it % cfg["train"]["log_every"] == 0:
+            log_step({"step": it, "epoch": epoch, **values, "lr": float(lr_schedule[it]),
+                      "wd": float(wd_schedule[it]), "momentum": float(momentum_schedule[it])})
         if show_progress:
             images = (i + 1) * _batch_size(batch)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_schedule[it]:.2e}",

@@ -75,3 +75,15 @@ def test_chunked_scan_equals_a_single_scan():
     q1, q2 = torch.randn(7, 8, generator=g), torch.randn(7, 8, generator=g)
     a, b = bank.retrieve(q1, q2, chunk=13), bank.retrieve(q1, q2, chunk=10_000)
     assert torch.equal(a.nn_view1, b.nn_view1) and torch.equal(a.cycle2, b.cycle2)
+
+
+def test_retrieval_over_a_wrapped_ring_equals_brute_force():
+    g = torch.Generator().manual_seed(4)
+    bank = ObjectMemoryBank(50, 4, 8, generator=g)
+    bank.enqueue(torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g), torch.tensor([3]))
+    assert len(bank.valid_segments()) == 2  # the valid rows wrap around the end of the ring
+    q1, q2 = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    rows = bank.valid_rows()
+    expected = rows[(torch.nn.functional.normalize(q1, dim=-1) @ bank.normed[0, rows].T).argmax(dim=1)]
+    got = bank.retrieve(q1, q2, chunk=7)
+    assert torch.equal(got.nn_view1, bank.entries[:, expected])

@@ -95,13 +95,20 @@ class ObjectMemoryBank:
         self.head = (self.head + new_rows) % self.capacity
         self.counts = torch.cat([counts[len(counts) - keep_images:].flip(0), self.counts])[: self.num_images]
 
+    def valid_segments(self) -> list[tuple[int, int]]:
+        """The valid rows as at most two contiguous ``(start, end)`` ranges of the ring (oldest first)."""
+        first = self.head - self.num_valid
+        if first >= 0:
+            return [(first, self.head)] if self.num_valid else []
+        return [(self.capacity + first, self.capacity), (0, self.head)] if self.head else [(self.capacity + first, self.capacity)]
+
     @torch.no_grad()
     def retrieve(self, q1: torch.Tensor, q2: torch.Tensor, chunk: int = 65536) -> Retrieval:
         """Top-1 neighbours of ``M x D`` objects ``q1`` (view 1) and ``q2`` (view 2), with cycle checks."""
-        rows = self.valid_rows().to(self.entries.device)
         q1n, q2n = F.normalize(q1.float(), dim=-1), F.normalize(q2.float(), dim=-1)
-        j1 = rows[_nearest(q1n, self.normed[0], rows, chunk)]
-        j2 = rows[_nearest(q2n, self.normed[1], rows, chunk)]
+        segments = self.valid_segments()
+        j1 = _nearest(q1n, self.normed[0], segments, chunk)
+        j2 = _nearest(q2n, self.normed[1], segments, chunk)
         arange = torch.arange(q1.shape[0], device=q1.device)
         # cycle 1: view-1 NN -> its view-2 twin -> nearest current view-2 object must be q2[k]
         cycle1 = (self.normed[1, j1] @ q2n.T).argmax(dim=1) == arange
@@ -109,14 +116,15 @@ class ObjectMemoryBank:
         return Retrieval(self.entries[:, j1], self.entries[:, j2], cycle1, cycle2)
 
 
-def _nearest(queries: torch.Tensor, bank: torch.Tensor, rows: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Position in ``rows`` of each query's most similar bank row (``M``), scanning the bank in chunks."""
+def _nearest(queries: torch.Tensor, bank: torch.Tensor, segments: list[tuple[int, int]], chunk: int) -> torch.Tensor:
+    """Row index of each query's most similar bank row (``M``), scanning contiguous slices (no copies)."""
     best_sim = torch.full((queries.shape[0],), -float("inf"), device=queries.device)
-    best_pos = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
-    for start in range(0, rows.numel(), chunk):
-        sims = queries @ bank[rows[start:start + chunk]].T  # M x chunk
-        value, pos = sims.max(dim=1)
-        better = value > best_sim
-        best_sim = torch.where(better, value, best_sim)
-        best_pos = torch.where(better, pos + start, best_pos)
-    return best_pos
+    best_row = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
+    for seg_start, seg_end in segments:
+        for start in range(seg_start, seg_end, chunk):
+            sims = queries @ bank[start:min(start + chunk, seg_end)].T  # M x chunk
+            value, pos = sims.max(dim=1)
+            better = value > best_sim
+            best_sim = torch.where(better, value, best_sim)
+            best_row = torch.where(better, pos + start, best_row)
+    return best_row

@@ -81,3 +81,16 @@ def test_full_loss_off_before_the_start_epoch_and_object_centre_update():
         (out1["global"] + out1["cross_view"] + out1["cross_image"]).item(), rel=1e-6)
     out1["loss"].backward()
     assert s_obj[0].grad is not None and s_obj[0].grad.abs().sum() > 0
+
+
+def test_cross_image_with_two_neighbours_counts_consistent_pairs():
+    nn1, nn2, s1, s2 = _cross_image_case()
+    # object 0 has two neighbours in direction 1 (both consistent), object 1 none; direction 2: one
+    n1 = torch.stack([nn1, nn1.flip(0)], dim=1)  # M x 2 x K
+    n2 = torch.stack([nn2, nn2], dim=1)
+    c1 = torch.tensor([[True, True], [False, False], [False, False]])
+    c2 = torch.tensor([[False, False], [False, False], [True, False]])
+    got = cross_image_object_loss(n1, n2, s1, s2, c1, c2, 0.1, norm="per_direction").item()
+    term1 = (_h([1, 0], [0.0, 0.0], 0.1) + _h([0.5, 0.5], [0.0, 0.0], 0.1)) / 2  # both teach s2[0]
+    term2 = _h([1, 0], [0.3, 0.0], 0.1)  # nn2[2] teaches s1[2]
+    assert got == pytest.approx((term1 + term2) / 2, rel=1e-5)

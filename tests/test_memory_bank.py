@@ -60,13 +60,18 @@ def test_cycle_check_keeps_exactly_the_consistent_objects():
     r = bank.retrieve(q1, q2)
     # k=0: view-1 NN is A (0 deg); A's view 2 (90) is nearest to q2[0] (95) -> consistent
     # k=1: view-1 NN is B (45 deg); B's view 2 (180) is nearest to q2[1] (100) -> q2[1]: consistent too
-    assert r.cycle1.tolist() == [True, True]
-    assert torch.allclose(r.nn_view1[0], torch.stack([at(0), at(45)]))
-    assert torch.allclose(r.nn_view1[1], torch.stack([at(90), at(180)]))
+    assert r.cycle1.tolist() == [[True], [True]]
+    assert torch.allclose(r.nn_view1[0, :, 0], torch.stack([at(0), at(45)]))
+    assert torch.allclose(r.nn_view1[1, :, 0], torch.stack([at(90), at(180)]))
     # view-2 direction: q2[0]=95 and q2[1]=100 both find A (view 2 at 90); A's view 1 (0 deg) is
     # nearest to q1[0] (5 deg): consistent for k=0 only
-    assert r.cycle2.tolist() == [True, False]
-    assert torch.allclose(r.nn_view2[0], torch.stack([at(0), at(0)]))
+    assert r.cycle2.tolist() == [[True], [False]]
+    assert torch.allclose(r.nn_view2[0, :, 0], torch.stack([at(0), at(0)]))
+    # top-2: object 0's second neighbour is B, whose view 2 (180) is nearest to q2[1] (100), not q2[0];
+    # object 1's second neighbour is A, whose view 2 (90) is nearest to q2[0] (95), not q2[1]
+    r2 = bank.retrieve(q1, q2, top_k=2)
+    assert r2.cycle1.tolist() == [[True, False], [True, False]]
+    assert torch.allclose(r2.nn_view1[0, 1], torch.stack([at(45), at(0)]))
 
 
 def test_chunked_scan_equals_a_single_scan():
@@ -86,4 +91,7 @@ def test_retrieval_over_a_wrapped_ring_equals_brute_force():
     rows = bank.valid_rows()
     expected = rows[(torch.nn.functional.normalize(q1, dim=-1) @ bank.normed[0, rows].T).argmax(dim=1)]
     got = bank.retrieve(q1, q2, chunk=7)
-    assert torch.equal(got.nn_view1, bank.entries[:, expected])
+    assert torch.equal(got.nn_view1[:, :, 0], bank.entries[:, expected])
+    sims = torch.nn.functional.normalize(q1, dim=-1) @ bank.normed[0, rows].T
+    top3 = rows[sims.topk(3, dim=1).indices]
+    assert torch.equal(bank.retrieve(q1, q2, top_k=3, chunk=7).nn_view1[0], bank.entries[0, top3])

@@ -32,6 +32,7 @@ class ClusteringSettings:
     hard_assignment: bool = True
     update_marginal: bool = True
     cycle_check: bool = True
+    top_k: int = 1
 
 
 class ObjectNet(nn.Module):
@@ -85,9 +86,10 @@ def cribo_step(student: nn.Module, teacher: ObjectNet, loss_fn: CrIBoLoss, bank:
         neighbours = cycle = None
         cycle_fraction = float("nan")
         if bank is not None:
-            found = bank.retrieve(obj1, obj2)
-            neighbours = (teacher.head.forward_objects(found.nn_view1[0]),
-                          teacher.head.forward_objects(found.nn_view2[1]))
+            found = bank.retrieve(obj1, obj2, top_k=settings.top_k)
+            m, k = found.cycle1.shape
+            neighbours = (teacher.head.forward_objects(found.nn_view1[0].reshape(m * k, -1)).reshape(m, k, -1),
+                          teacher.head.forward_objects(found.nn_view2[1].reshape(m * k, -1)).reshape(m, k, -1))
             cycle = (found.cycle1, found.cycle2)
             if not settings.cycle_check:
                 cycle = (torch.ones_like(found.cycle1), torch.ones_like(found.cycle2))

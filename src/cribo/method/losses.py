@@ -53,15 +53,20 @@ def cross_image_object_loss(nn1: torch.Tensor, nn2: torch.Tensor, s1: torch.Tens
     """Cross-image object term.
 
     Args:
-        nn1: ``M x K`` teacher probs of the bank neighbours of the view-1 objects (they teach ``s2``).
-        nn2: ``M x K`` teacher probs of the neighbours of the view-2 objects (they teach ``s1``).
+        nn1: ``M x K`` (or ``M x k x K`` for k neighbours) teacher probs of the bank neighbours of the
+            view-1 objects (they teach ``s2``).
+        nn2: the same for the neighbours of the view-2 objects (they teach ``s1``).
         s1, s2: ``M x K`` student object logits of view 1 and view 2.
-        cycle1, cycle2: ``M`` booleans, objects whose retrieval passed the cycle check.
+        cycle1, cycle2: ``M`` (or ``M x k``) booleans, neighbours that passed the cycle check; the
+            counts below are counts of such (object, neighbour) pairs.
         norm: ``"first_direction"`` (official) or ``"per_direction"`` (see the module docstring).
     """
-    def summed(targets, logits, mask):
-        ce = torch.sum(-targets[mask] * F.log_softmax(logits[mask].float() / student_temp, dim=-1), dim=-1)
-        return ce.sum()
+    if nn1.dim() == 2:
+        nn1, nn2, cycle1, cycle2 = nn1[:, None], nn2[:, None], cycle1[:, None], cycle2[:, None]
+
+    def summed(targets, logits, mask):  # targets M x k x K, logits M x K, mask M x k
+        log_probs = F.log_softmax(logits.float() / student_temp, dim=-1)[:, None].expand_as(targets)
+        return torch.sum(-targets[mask] * log_probs[mask])
 
     n1, n2 = int(cycle1.sum()), int(cycle2.sum())
     zero = (s1.sum() + s2.sum()) * 0.0

@@ -28,11 +28,11 @@ import torch.nn.functional as F
 
 @dataclass
 class Retrieval:
-    """Nearest bank entries of a batch's objects (``M`` objects, ``D`` dims).
+    """Nearest bank entries of a batch's objects (``M`` objects, ``k`` neighbours, ``D`` dims).
 
-    ``nn_view1``: ``2 x M x D`` bank rows (both views, un-normalised) nearest to ``q1`` among view-1
-    entries; ``nn_view2`` likewise for ``q2`` among view-2 entries; ``cycle1``/``cycle2``: ``M``
-    booleans, the cycle check of each direction.
+    ``nn_view1``: ``2 x M x k x D`` bank rows (both views, un-normalised) nearest to ``q1`` among
+    view-1 entries, most similar first; ``nn_view2`` likewise for ``q2`` among view-2 entries;
+    ``cycle1``/``cycle2``: ``M x k`` booleans, the cycle check of each neighbour.
     """
 
     nn_view1: torch.Tensor
@@ -103,28 +103,35 @@ class ObjectMemoryBank:
         return [(self.capacity + first, self.capacity), (0, self.head)] if self.head else [(self.capacity + first, self.capacity)]
 
     @torch.no_grad()
-    def retrieve(self, q1: torch.Tensor, q2: torch.Tensor, chunk: int = 65536) -> Retrieval:
-        """Top-1 neighbours of ``M x D`` objects ``q1`` (view 1) and ``q2`` (view 2), with cycle checks."""
+    def retrieve(self, q1: torch.Tensor, q2: torch.Tensor, top_k: int = 1, chunk: int = 65536) -> Retrieval:
+        """Top-k neighbours of ``M x D`` objects ``q1`` (view 1) and ``q2`` (view 2), with cycle checks.
+
+        The official method uses ``top_k = 1``.
+        """
+        if top_k > self.num_valid:
+            raise ValueError(f"top_k = {top_k} but the bank holds {self.num_valid} valid entries")
         q1n, q2n = F.normalize(q1.float(), dim=-1), F.normalize(q2.float(), dim=-1)
         segments = self.valid_segments()
-        j1 = _nearest(q1n, self.normed[0], segments, chunk)
-        j2 = _nearest(q2n, self.normed[1], segments, chunk)
-        arange = torch.arange(q1.shape[0], device=q1.device)
-        # cycle 1: view-1 NN -> its view-2 twin -> nearest current view-2 object must be q2[k]
-        cycle1 = (self.normed[1, j1] @ q2n.T).argmax(dim=1) == arange
-        cycle2 = (self.normed[0, j2] @ q1n.T).argmax(dim=1) == arange
+        j1 = _top_k(q1n, self.normed[0], segments, chunk, top_k)  # M x k
+        j2 = _top_k(q2n, self.normed[1], segments, chunk, top_k)
+        own = torch.arange(q1.shape[0], device=q1.device)[:, None]
+        # cycle 1: view-1 neighbour -> its view-2 twin -> the nearest current view-2 object must be q2[m]
+        cycle1 = (self.normed[1, j1] @ q2n.T).argmax(dim=-1) == own
+        cycle2 = (self.normed[0, j2] @ q1n.T).argmax(dim=-1) == own
         return Retrieval(self.entries[:, j1], self.entries[:, j2], cycle1, cycle2)
 
 
-def _nearest(queries: torch.Tensor, bank: torch.Tensor, segments: list[tuple[int, int]], chunk: int) -> torch.Tensor:
-    """Row index of each query's most similar bank row (``M``), scanning contiguous slices (no copies)."""
-    best_sim = torch.full((queries.shape[0],), -float("inf"), device=queries.device)
-    best_row = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
+def _top_k(queries: torch.Tensor, bank: torch.Tensor, segments: list[tuple[int, int]], chunk: int,
+           k: int) -> torch.Tensor:
+    """``M x k`` row indices of each query's most similar bank rows, scanning contiguous slices (no copies)."""
+    best_sim = torch.full((queries.shape[0], k), -float("inf"), device=queries.device)
+    best_row = torch.zeros((queries.shape[0], k), dtype=torch.long, device=queries.device)
     for seg_start, seg_end in segments:
         for start in range(seg_start, seg_end, chunk):
             sims = queries @ bank[start:min(start + chunk, seg_end)].T  # M x chunk
-            value, pos = sims.max(dim=1)
-            better = value > best_sim
-            best_sim = torch.where(better, value, best_sim)
-            best_row = torch.where(better, pos + start, best_row)
+            value, pos = sims.topk(min(k, sims.shape[1]), dim=1)
+            merged_sim = torch.cat([best_sim, value], dim=1)
+            merged_row = torch.cat([best_row, pos + start], dim=1)
+            best_sim, order = merged_sim.topk(k, dim=1)
+            best_row = torch.gather(merged_row, 1, order)
     return best_row

@@ -243,7 +243,7 @@ def train_self_distillation(cfg: dict, output_dir: Path, dist_info: DistInfo) ->
         settings = ClusteringSettings(cribo_cfg["num_clusters"], cribo_cfg["pos_alpha"], cribo_cfg["sinkhorn_lambda"],
                                       cribo_cfg["sinkhorn_iterations"], cribo_cfg["clustering_rounds"],
                                       cribo_cfg["hard_assignment"], cribo_cfg["update_marginal"],
-                                      cribo_cfg["cycle_check"])
+                                      cribo_cfg["cycle_check"], cribo_cfg["top_k"])
 
         def step(batch, epoch):
             views_, positions = batch

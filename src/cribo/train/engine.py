@@ -1,13 +1,15 @@
-"""The pretraining entry point: one function per method, the DINO loop readable top to bottom.
+"""The pretraining entry point: one function per method, the training loop readable top to bottom.
 
 ``train(cfg, output_dir)`` writes ``output_dir/checkpoint.pth`` (the last completed epoch, written
 atomically), ``config.yaml`` (the resolved run config), ``provenance.json`` (git SHA, package
-versions, world size) and ``log.txt`` (one JSON line per epoch, like the official code's). An
-existing ``checkpoint.pth`` is resumed from its recorded epoch.
+versions, world size), ``log.txt`` (one JSON line per epoch, like the official code's) and
+``log_steps.jsonl`` (one line every ``train.log_every`` steps). An existing ``checkpoint.pth`` is
+resumed from its recorded epoch.
 
 Methods:
-- ``dino``: global [CLS] self-distillation (student, EMA teacher, centring and sharpening), the
-  engine the CrIBo method extends;
+- ``cribo``: DINO plus object-level cross-view and cross-image bootstrapping
+  (:mod:`cribo.method.cribo`);
+- ``dino``: global [CLS] self-distillation (student, EMA teacher, centring and sharpening);
 - ``random``: the untrained backbone of the run's seed;
 - ``pixels``: no network, only the training-set mean colour used to centre raw RGB patches.
 """

@@ -192,7 +192,10 @@ def dataset_root(workflow_cfg: dict) -> str:
     """
     ds = workflow_cfg["dataset"]
     if ds["name"] == "toyscenes":
-        return f"resources/toyscenes-{short_hash(ds.get('toyscenes', {}), 6)}"
+        from cribo.data.toyscenes import GENERATOR_VERSION  # a new generator must not reuse old images
+
+        settings = {**ds.get("toyscenes", {}), "generator_version": GENERATOR_VERSION}
+        return f"resources/toyscenes-{short_hash(settings, 6)}"
     return ds["root"]
 
 

@@ -4,19 +4,28 @@ Balazevic et al. (NeurIPS 2023) evaluate dense features without training anythin
 patch features of labelled training images with their soft labels (each patch's class
 histogram); every validation patch takes its k nearest memory entries by cosine similarity,
 weights their labels by ``softmax(similarity / temperature)``, and the resulting soft label map is
-bilinearly upsampled and arg-maxed. No library provides this protocol; open-hummingbird-eval is
-the reference re-implementation, and we follow it with two deliberate departures:
+bilinearly upsampled and arg-maxed. No official code exists; open-hummingbird-eval is the
+reference re-implementation, and this module follows its algorithm (rarity-based per-image patch
+sampling, k = 30, temperature 0.02, exact inner-product search, bilinear upsampling, dataset-level
+confusion matrix) with three deliberate departures:
 
-- ignored pixels (label 255) are left out of the soft labels and fully-ignored patches are not put
-  in the memory (open-hummingbird-eval remaps them to class 0, which is a real class for several
-  datasets);
-- the per-image memory budget is capped at the number of patches, where it crashes.
+- Ignored pixels (``ignore_index``, 255) are left out of the soft labels, and patches with no
+  labelled pixel are never put in the memory. open-hummingbird-eval remaps 255 to class 0 before
+  building the memory, which turns void pixels into a real class (background for VOC, but "road"
+  for Cityscapes and real categories for the COCO super-classes).
+- The per-image memory budget ``memory_size // I`` is capped at the number of patches per image
+  (open-hummingbird-eval's ``torch.topk`` raises there, e.g. for the 1/128 fractions); the cap is
+  logged and reported.
+- The headline mIoU uses the identity label mapping (a class id is a class id); the Hungarian-
+  matched mIoU that open-hummingbird-eval reports by default is returned alongside.
 
-The search is faiss's exact inner product over L2-normalised features.
+Shapes: I = memory images (or augmented passes), V = validation images, N = h * w patch tokens in
+row-major grid order, D = feature width, C = classes, M = memory entries, Q = queries.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import faiss
@@ -27,120 +36,296 @@ from tqdm import tqdm
 
 from cribo.eval.metrics import ConfusionMeter
 
+log = logging.getLogger(__name__)
+
+NORM_EPS = 1e-6
+_CHUNK_IMAGES = 64  # images per chunk when building the memory (bounds the I x N x C temporaries)
+
+
+def _as_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _normalise_rows(x: np.ndarray) -> np.ndarray:
+    """L2-normalise the rows of a float32 array in place (``x / max(||x||, eps)``) and return it."""
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float32))
+    x /= np.maximum(norms, NORM_EPS)[:, None]
+    return x
+
 
 def patch_label_counts(masks, patch_size: int, num_classes: int, ignore_index: int = 255) -> np.ndarray:
-    """Pixels of each class in each patch: ``B x H x W`` labels -> ``B x (H/p * W/p) x C`` uint16.
+    """Pixels of each class in each patch.
 
-    Patches are in row-major grid order, like ViT tokens; ignored pixels are not counted.
+    Args:
+        masks: ``B x H x W`` integer labels (numpy or torch), H and W multiples of ``patch_size``.
+        patch_size: p.
+        num_classes: C.
+        ignore_index: label of pixels that are not counted.
+
+    Returns:
+        ``B x (H/p * W/p) x C`` uint16, patches in row-major grid order like ViT tokens. A patch's
+        counts sum to ``p * p`` minus its ignored pixels.
+
+    Raises:
+        ValueError: wrong rank, size not a multiple of ``p``, ``p * p`` too large for uint16, or a
+            label outside ``[0, C)`` other than ``ignore_index`` (the message names it).
     """
-    masks = np.asarray(masks)
+    masks = _as_numpy(masks)
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be B x H x W, got shape {masks.shape}")
     b, h, w = masks.shape
     if h % patch_size or w % patch_size:
         raise ValueError(f"mask size {h}x{w} is not a multiple of the patch size {patch_size}")
-    labels = masks.astype(np.int64)
-    valid = labels != ignore_index
-    if (labels[valid] >= num_classes).any() or (labels[valid] < 0).any():
-        bad = labels[valid][(labels[valid] >= num_classes) | (labels[valid] < 0)][0]
-        raise ValueError(f"mask label {bad} is outside [0, {num_classes}) and is not the ignore label {ignore_index}")
+    if patch_size * patch_size > np.iinfo(np.uint16).max:
+        raise ValueError(f"patch size {patch_size} too large for uint16 pixel counts")
     gh, gw = h // patch_size, w // patch_size
-    patch_index = (np.arange(h)[:, None] // patch_size) * gw + (np.arange(w)[None, :] // patch_size)
-    flat = (np.arange(b)[:, None, None] * (gh * gw) + patch_index[None]) * num_classes + labels
-    counts = np.bincount(flat[valid], minlength=b * gh * gw * num_classes)
+    # B x gh x p x gw x p -> B x N x p*p: the pixels of each patch, patches in row-major order
+    labels = masks.reshape(b, gh, patch_size, gw, patch_size).transpose(0, 1, 3, 2, 4)
+    labels = labels.reshape(b, gh * gw, patch_size * patch_size).astype(np.int64)
+    valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= num_classes))
+    if bad.any():
+        raise ValueError(f"mask label {int(labels[bad][0])} is outside [0, {num_classes}) and is not the "
+                         f"ignore label {ignore_index}")
+    slot = np.arange(b * gh * gw, dtype=np.int64).reshape(b, gh * gw, 1) * num_classes + labels
+    counts = np.bincount(slot[valid], minlength=b * gh * gw * num_classes)
     return counts.reshape(b, gh * gw, num_classes).astype(np.uint16)
 
 
 def rarity_scores(label_counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """open-hummingbird-eval's sampling score, ``I x N x C`` counts -> ``I x N``; lower is kept first.
+    """open-hummingbird-eval's per-image sampling score; lower is kept first.
 
-    A patch scores the sum, over the classes present in it, of how many patches of its image
-    contain that class: patches of classes rare in their image score low. Scores are multiplied by
-    U(0, 1) noise; patches with no labelled pixel score +inf (kept last).
+    For patch n of image i: ``score = U_in * sum_{c present in n} P_ic`` with ``P_ic`` the number of
+    patches of image i containing class c and ``U_in ~ U[0, 1)`` drawn as one ``rng.random((I, N))``
+    call. Patches of classes rare in their image thus score low, with randomisation. Patches with
+    no labelled pixel score ``+inf`` (never kept before a labelled one).
+
+    Args:
+        label_counts: ``I x N x C`` pixel counts per class (ignored pixels not counted).
+        rng: numpy Generator (only its ``random(shape)`` method is used).
+
+    Returns:
+        ``I x N`` float64 scores.
     """
-    present = label_counts > 0  # I x N x C
+    present = np.asarray(label_counts) > 0  # I x N x C
     patches_per_class = present.sum(axis=1, keepdims=True)  # I x 1 x C
-    scores = (present * patches_per_class).sum(axis=2).astype(np.float64)
+    scores = (present * patches_per_class).sum(axis=2).astype(np.float64)  # I x N
     scores *= rng.random(scores.shape)
     scores[~present.any(axis=2)] = np.inf
     return scores
 
 
-def select_memory(features: np.ndarray, label_counts: np.ndarray, memory_size: int | None,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int | None]:
-    """Memory entries: ``I x N x D`` features, ``I x N x C`` counts -> ``M x D`` float16 unit vectors,
-    ``M x C`` float32 soft labels, and the per-image budget (None when every patch is kept)."""
-    num_images, num_patches, _ = features.shape
-    labelled = label_counts.sum(axis=2) > 0  # I x N
-    if memory_size is None:
-        keep, budget = labelled, None
-    else:
-        budget = min(max(memory_size // num_images, 1), num_patches)
-        order = np.argsort(rarity_scores(label_counts, rng), axis=1, kind="stable")[:, :budget]
-        keep = np.zeros_like(labelled)
-        np.put_along_axis(keep, order, True, axis=1)
-        keep &= labelled
-    feats = torch.from_numpy(np.ascontiguousarray(features[keep], dtype=np.float32))
-    feats = F.normalize(feats, dim=1, eps=1e-6).to(torch.float16).numpy()
-    counts = label_counts[keep].astype(np.float32)
-    return feats, counts / counts.sum(axis=1, keepdims=True), budget
+def per_image_budget(memory_size: int | None, num_images: int, num_patches: int) -> int | None:
+    """Patches kept per image: ``min(memory_size // num_images, num_patches)``; None when unbounded.
 
-
-def retrieve_soft_labels(queries: np.ndarray, memory_features: np.ndarray, memory_labels: np.ndarray,
-                         k: int = 30, temperature: float = 0.02, batch_size: int = 4096,
-                         index: faiss.Index | None = None) -> np.ndarray:
-    """Label propagation: ``Q x D`` queries against ``M x D`` memory -> ``Q x C`` soft labels.
-
-    Weights are ``softmax(cos(q, m_i) / temperature)`` over the k nearest entries.
+    Raises ValueError when ``memory_size < num_images`` (a budget of zero patches per image).
     """
-    num_memory = memory_features.shape[0]
-    if k > num_memory:
-        raise ValueError(f"k = {k} neighbours requested but the memory holds only {num_memory} entries")
-    if index is None:
-        index = build_index(memory_features)
-    out = np.empty((queries.shape[0], memory_labels.shape[1]), dtype=np.float32)
-    for start in range(0, queries.shape[0], batch_size):
-        q = torch.from_numpy(np.ascontiguousarray(queries[start:start + batch_size], dtype=np.float32))
-        q = F.normalize(q, dim=1, eps=1e-6).numpy()
-        sims, idx = index.search(q, k)  # Q x k, sorted by decreasing similarity
-        weights = torch.softmax(torch.from_numpy(sims) / temperature, dim=1).numpy()
-        out[start:start + len(q)] = np.einsum("qk,qkc->qc", weights, memory_labels[idx])
-    return out
+    if memory_size is None:
+        return None
+    budget = memory_size // num_images
+    if budget < 1:
+        raise ValueError(f"memory_size {memory_size} is smaller than the number of memory images "
+                         f"{num_images}: no patch could be kept per image")
+    if budget > num_patches:
+        log.warning("memory budget %d // %d images = %d patches per image exceeds the %d patches of an "
+                    "image; capped at %d (open-hummingbird-eval would fail here)",
+                    memory_size, num_images, budget, num_patches, num_patches)
+        budget = num_patches
+    return budget
 
 
-def build_index(memory_features: np.ndarray) -> faiss.Index:
-    index = faiss.IndexFlatIP(memory_features.shape[1])
-    index.add(np.ascontiguousarray(memory_features, dtype=np.float32))
+def select_memory(features, label_counts, memory_size: int | None,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Build the retrieval memory from the training patches.
+
+    Args:
+        features: ``I x N x D`` float16/float32 patch features (may be a memory-mapped array).
+        label_counts: ``I x N x C`` pixel counts per class (ignored pixels not counted).
+        memory_size: total budget; None keeps every labelled patch. Otherwise each image keeps its
+            ``K = per_image_budget(memory_size, I, N)`` lowest ``rarity_scores`` (K capped at N).
+            Patches whose counts sum to 0 (all pixels ignored) are never kept, so an image may
+            contribute fewer than K entries.
+        rng: numpy Generator for the rarity noise.
+
+    Returns:
+        ``M x D`` float16 L2-normalised features (normalised in float32, epsilon 1e-6) and
+        ``M x C`` float32 soft labels (counts / counts.sum), entries ordered by image then patch.
+    """
+    num_images, num_patches, dim = features.shape
+    if label_counts.shape[:2] != (num_images, num_patches):
+        raise ValueError(f"label counts {label_counts.shape} do not match features {features.shape} "
+                         f"(expected I x N x C with I x N = {num_images} x {num_patches})")
+    num_classes = label_counts.shape[2]
+    budget = per_image_budget(memory_size, num_images, num_patches)
+    keep = np.zeros((num_images, num_patches), dtype=bool)
+    for s in range(0, num_images, _CHUNK_IMAGES):
+        counts = np.asarray(label_counts[s:s + _CHUNK_IMAGES])
+        labelled = counts.sum(axis=2) > 0
+        if budget is None:
+            keep[s:s + len(counts)] = labelled
+        else:
+            order = np.argsort(rarity_scores(counts, rng), axis=1, kind="stable")[:, :budget]
+            chosen = np.zeros_like(labelled)
+            np.put_along_axis(chosen, order, True, axis=1)
+            keep[s:s + len(counts)] = chosen & labelled
+    num_entries = int(keep.sum())
+    mem_feats = np.empty((num_entries, dim), dtype=np.float16)
+    mem_labels = np.empty((num_entries, num_classes), dtype=np.float32)
+    row = 0
+    for s in range(0, num_images, _CHUNK_IMAGES):
+        sel = keep[s:s + _CHUNK_IMAGES]
+        n = int(sel.sum())
+        feats = np.asarray(features[s:s + _CHUNK_IMAGES])[sel].astype(np.float32)
+        mem_feats[row:row + n] = _normalise_rows(feats)
+        counts = np.asarray(label_counts[s:s + _CHUNK_IMAGES])[sel].astype(np.float32)
+        mem_labels[row:row + n] = counts / counts.sum(axis=1, keepdims=True)
+        row += n
+    return mem_feats, mem_labels
+
+
+def build_index(memory_features: np.ndarray) -> faiss.IndexFlatIP:
+    """Exact inner-product faiss index over a float32, re-normalised copy of ``M x D`` features."""
+    keys = _normalise_rows(np.array(memory_features, dtype=np.float32, order="C", copy=True))
+    index = faiss.IndexFlatIP(keys.shape[1])
+    index.add(keys)
     return index
 
 
-def predict_label_maps(soft_labels, out_size: tuple[int, int]) -> np.ndarray:
-    """``V x h x w x C`` soft labels -> ``V x H x W`` class ids (bilinear upsampling, then argmax)."""
-    x = torch.as_tensor(np.asarray(soft_labels, dtype=np.float32)).permute(0, 3, 1, 2)
-    x = F.interpolate(x, size=tuple(out_size), mode="bilinear", align_corners=False)
-    return x.argmax(dim=1).numpy()
+def retrieve_soft_labels(queries, memory_features, memory_labels, k: int = 30, temperature: float = 0.02,
+                         batch_size: int = 4096) -> np.ndarray:
+    """Label propagation from the k nearest memory entries.
+
+    For each query q (L2-normalised): neighbours i = 1..k by exact inner product (cosine) with the
+    normalised memory (``faiss.IndexFlatIP`` over a float32 copy), weights
+    ``softmax(cos(q, m_i) / temperature)`` (max-subtracted, float32), output ``sum_i w_i * label_i``.
+
+    Args:
+        queries: ``Q x D``.
+        memory_features: ``M x D`` (normalised by ``select_memory``; re-normalised here anyway).
+        memory_labels: ``M x C`` soft labels.
+        k: neighbours per query, ``1 <= k <= M`` (ValueError otherwise).
+        temperature: softmax temperature (> 0).
+        batch_size: queries searched at a time (bounds the ``batch x k x C`` gather).
+
+    Returns:
+        ``Q x C`` float32 soft labels (rows sum to 1 when the memory labels do).
+    """
+    memory_features = _as_numpy(memory_features)
+    _check_retrieval(memory_features.shape, memory_labels, k, temperature)
+    return _propagate(queries, build_index(memory_features), memory_labels, k, temperature, batch_size)
+
+
+def _check_retrieval(memory_shape: tuple[int, int], memory_labels, k: int, temperature: float) -> None:
+    num_memory = memory_shape[0]
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if k > num_memory:
+        raise ValueError(f"k = {k} neighbours requested but the memory holds only {num_memory} entries")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if memory_labels.shape[0] != num_memory:
+        raise ValueError(f"{memory_labels.shape[0]} memory labels for {num_memory} memory features")
+
+
+def _propagate(queries, index: faiss.Index, memory_labels, k: int, temperature: float,
+               batch_size: int = 4096) -> np.ndarray:
+    """``retrieve_soft_labels`` against a prebuilt ``build_index`` (reused across val chunks)."""
+    queries = _as_numpy(queries)
+    if queries.ndim != 2 or queries.shape[1] != index.d:
+        raise ValueError(f"queries must be Q x {index.d}, got shape {queries.shape}")
+    memory_labels = np.asarray(memory_labels, dtype=np.float32)
+    out = np.empty((queries.shape[0], memory_labels.shape[1]), dtype=np.float32)
+    for start in range(0, queries.shape[0], batch_size):
+        q = _normalise_rows(np.array(queries[start:start + batch_size], dtype=np.float32, order="C", copy=True))
+        sims, idx = index.search(q, k)  # Q x k float32, sorted by decreasing similarity
+        logits = sims / np.float32(temperature)
+        logits -= logits.max(axis=1, keepdims=True)
+        weights = np.exp(logits)
+        weights /= weights.sum(axis=1, keepdims=True)
+        neighbours = torch.from_numpy(memory_labels[idx])  # Q x k x C
+        out[start:start + len(q)] = torch.bmm(torch.from_numpy(weights)[:, None, :], neighbours)[:, 0].numpy()
+    return out
+
+
+def predict_label_maps(soft_labels, out_size: tuple[int, int], max_elements: int = 1 << 26) -> np.ndarray:
+    """Class maps from patch-level soft labels.
+
+    Args:
+        soft_labels: ``V x h x w x C``.
+        out_size: ``(H, W)``.
+        max_elements: images are upsampled a few at a time so that no ``chunk x C x H x W``
+            float32 tensor exceeds this many elements (at least one image per chunk).
+
+    Returns:
+        ``V x H x W`` int64: argmax over C of the bilinear upsampling
+        (``torch.nn.functional.interpolate``, ``align_corners=False``); ties go to the lowest class.
+    """
+    soft = torch.as_tensor(_as_numpy(soft_labels), dtype=torch.float32)
+    if soft.ndim != 4:
+        raise ValueError(f"soft labels must be V x h x w x C, got shape {tuple(soft.shape)}")
+    v, _, _, c = soft.shape
+    height, width = (int(s) for s in out_size)
+    out = np.empty((v, height, width), dtype=np.int64)
+    step = max(1, max_elements // max(1, c * height * width))
+    for s in range(0, v, step):
+        x = soft[s:s + step].permute(0, 3, 1, 2)
+        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+        out[s:s + step] = x.argmax(dim=1).numpy()
+    return out
 
 
 def evaluate_incontext(train_features, train_label_counts, val_features, val_masks, grid: tuple[int, int],
                        num_classes: int, *, k: int = 30, temperature: float = 0.02, memory_size: int | None = None,
-                       seed: int = 0, ignore_index: int = 255, batch_images: int = 64, progress: bool = False) -> dict:
-    """Retrieval mIoU of ``V x N x D`` val features against an ``I x N x D`` memory (see module doc)."""
-    rng = np.random.default_rng(seed)
-    mem_feats, mem_labels, budget = select_memory(train_features, train_label_counts, memory_size, rng)
-    index = build_index(mem_feats)
-    meter = ConfusionMeter(num_classes, ignore_index)
+                       seed: int = 0, ignore_index: int = 255, batch_images: int = 64,
+                       progress: bool = False) -> dict:
+    """Dense NN retrieval mIoU of a validation set against a labelled memory.
+
+    Args:
+        train_features: ``I x N x D``; train_label_counts: ``I x N x C`` (see ``select_memory``).
+        val_features: ``V x N x D``; val_masks: ``V x H x W`` ground truth, ``ignore_index`` ignored.
+        grid: ``(h, w)`` with ``h * w = N``.
+        num_classes: C.
+        k, temperature: retrieval (``retrieve_soft_labels``).
+        memory_size, seed: memory budget and the seed of the rarity noise (``select_memory``).
+        batch_images: validation images per chunk (retrieval, upsampling, confusion update).
+        progress: tqdm bar over the chunks.
+
+    Returns:
+        ``{"miou": identity-mapped mIoU %, "miou_hungarian": Hungarian-matched mIoU %,
+        "per_class_iou": identity per-class IoU % (None: class absent), "pixel_accuracy": %,
+        "memory_entries": M, "per_image_budget": K or None, "k", "temperature"}``.
+    """
     h, w = grid
-    num_val = val_features.shape[0]
-    for start in tqdm(range(0, num_val, batch_images), desc="in-context retrieval", disable=not progress,
-                      file=sys.stdout, mininterval=5):
+    num_train, num_patches, dim = train_features.shape
+    if num_patches != h * w:
+        raise ValueError(f"train features hold {num_patches} patches per image but the grid is {h}x{w}")
+    if val_features.shape[1:] != (num_patches, dim):
+        raise ValueError(f"val features {val_features.shape} do not match train features {train_features.shape}")
+    if train_label_counts.shape[2] != num_classes:
+        raise ValueError(f"label counts have {train_label_counts.shape[2]} classes, expected {num_classes}")
+    if val_masks.shape[0] != val_features.shape[0]:
+        raise ValueError(f"{val_masks.shape[0]} val masks for {val_features.shape[0]} val feature maps")
+    rng = np.random.default_rng(seed)
+    mem_feats, mem_labels = select_memory(train_features, train_label_counts, memory_size, rng)
+    budget = None if memory_size is None else min(memory_size // num_train, num_patches)
+    num_entries = mem_feats.shape[0]
+    _check_retrieval(mem_feats.shape, mem_labels, k, temperature)
+    index = build_index(mem_feats)
+    del mem_feats  # the index holds the float32 copy
+    meter = ConfusionMeter(num_classes, ignore_index)
+    for start in tqdm(range(0, val_features.shape[0], batch_images), desc="in-context retrieval",
+                      disable=not progress, file=sys.stdout, mininterval=5):
         feats = np.asarray(val_features[start:start + batch_images])
-        soft = retrieve_soft_labels(feats.reshape(-1, feats.shape[-1]), mem_feats, mem_labels, k, temperature,
-                                    index=index)
         masks = np.asarray(val_masks[start:start + batch_images])
-        pred = predict_label_maps(soft.reshape(len(feats), h, w, -1), masks.shape[1:])
+        soft = _propagate(feats.reshape(-1, dim), index, mem_labels, k, temperature)
+        pred = predict_label_maps(soft.reshape(len(feats), h, w, num_classes), masks.shape[1:])
         meter.update(pred, masks)
     identity, hungarian = meter.compute("identity"), meter.compute("hungarian")
     return {
         "miou": identity["miou"], "miou_hungarian": hungarian["miou"],
         "per_class_iou": identity["per_class_iou"], "pixel_accuracy": identity["pixel_accuracy"],
-        "memory_entries": int(mem_feats.shape[0]), "per_image_budget": budget,
+        "memory_entries": int(num_entries), "per_image_budget": budget,
         "k": k, "temperature": temperature,
     }

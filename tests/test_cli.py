@@ -134,3 +134,12 @@ def test_cribo_trains_with_bank_and_logs_its_losses(tmp_path, tiny_voc):
     assert main(["eval", "incontext", "--checkpoint", str(out / "checkpoint.pth"), "--dataset", "voc",
                  "--data-root", str(tiny_voc), "--k", "5", "--out", str(tmp_path / "row.json"), "--no-progress"]) == 0
     assert json.loads((tmp_path / "row.json").read_text())["method"] == "cribo"
+
+
+def test_warmup_longer_than_the_run_is_capped(tmp_path, tiny_voc):
+    # optim.warmup_epochs defaults to 10 (the official value); a 3-epoch run must still train
+    cfg = _run_config(tmp_path, tiny_voc, "dino", dino={"out_dim": 16, "hidden_dim": 8, "bottleneck_dim": 4},
+                      optim={"epochs": 3, "batch_size": 3})
+    assert main(["train", "--config", str(cfg), "--output-dir", str(tmp_path / "run")]) == 0
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.txt").read_text().splitlines()]
+    assert len(log) == 3

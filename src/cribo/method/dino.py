@@ -1,9 +1,15 @@
 """The DINO self-distillation loss: centring and sharpening of the teacher, cross-view cross-entropy.
 
-``H(t, s) = -sum_k softmax((t - c) / tau_t)_k * log_softmax(s / tau_s)_k``, averaged over the batch
-and over every (teacher view i, student view j) pair with ``i != j``. The centre ``c`` is an EMA
-(momentum 0.9) of the teacher outputs' batch mean, averaged over processes. Computed in float32
-whatever the input precision, as the official code does.
+Follows DINO's ``DINOLoss`` (Caron et al., ICCV 2021) and CrIBo's global term ``d_loss``:
+
+    H(t, s) = -sum_k softmax((t - c) / tau_t)_k * log_softmax(s / tau_s)_k
+
+averaged over the batch, summed over every (teacher crop i, student crop j) pair with ``i != j``
+(a view never teaches itself) and divided by the number of pairs. The teacher temperature
+``tau_t`` comes from a per-epoch schedule (warm-up 0.04 -> 0.07); ``tau_s = 0.1``. The centre
+``c`` is an EMA (momentum 0.9) of the teacher outputs' mean over the global batch (all processes),
+updated after the loss is computed, so a step's loss uses the centre of the previous steps.
+Everything is computed in float32 whatever the input precision, as the official code does.
 """
 
 from __future__ import annotations
@@ -17,38 +23,83 @@ from torch import nn
 
 
 def dino_cross_entropy(teacher_probs: torch.Tensor, student_logits: torch.Tensor, student_temp: float) -> torch.Tensor:
-    """Mean over the batch of ``-sum_k p_k log softmax(s / tau_s)_k``; inputs ``B x K``."""
+    """Batch mean of ``-sum_k p_k * log_softmax(s / student_temp)_k``.
+
+    Args:
+        teacher_probs: ``B x K`` target distributions (rows sum to 1).
+        student_logits: ``B x K`` raw student logits (divided by ``student_temp`` here).
+    Returns:
+        scalar tensor.
+    """
     return torch.sum(-teacher_probs * F.log_softmax(student_logits / student_temp, dim=-1), dim=-1).mean()
 
 
 class DINOLoss(nn.Module):
+    """DINO loss with a centred, sharpened teacher; the centre is the buffer ``center`` (``1 x K``).
+
+    Args:
+        out_dim: number of prototypes ``K``.
+        teacher_temp_schedule: teacher temperature per epoch (e.g. from
+            :func:`cribo.method.schedules.linear_warmup_then_constant`); epochs past its end use its
+            last value.
+        student_temp: student temperature (0.1 in DINO and CrIBo).
+        center_momentum: EMA momentum of the centre (0.9).
+    """
+
     def __init__(self, out_dim: int, teacher_temp_schedule: Sequence[float], student_temp: float = 0.1,
                  center_momentum: float = 0.9):
         super().__init__()
+        self.teacher_temps = [float(t) for t in teacher_temp_schedule]
+        if not self.teacher_temps or min(self.teacher_temps) <= 0:
+            raise ValueError("teacher_temp_schedule must be a non-empty sequence of positive temperatures")
+        if student_temp <= 0:
+            raise ValueError(f"student_temp must be > 0, got {student_temp}")
+        if not 0.0 <= center_momentum <= 1.0:
+            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
         self.student_temp = student_temp
         self.center_momentum = center_momentum
-        self.teacher_temps = [float(t) for t in teacher_temp_schedule]
+        # A buffer, not a parameter: it goes into the state dict (resumable) but gets no gradient.
         self.register_buffer("center", torch.zeros(1, out_dim))
 
+    def teacher_temp(self, epoch: int) -> float:
+        """The teacher temperature used at ``epoch``."""
+        return self.teacher_temps[min(max(epoch, 0), len(self.teacher_temps) - 1)]
+
     def forward(self, student_out: list[torch.Tensor], teacher_out: list[torch.Tensor], epoch: int) -> torch.Tensor:
-        """``student_out``: one ``B x K`` tensor per crop; ``teacher_out``: one per global crop."""
-        temp = self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)]
-        teacher_probs = [F.softmax((t.float() - self.center) / temp, dim=-1).detach() for t in teacher_out]
-        total, pairs = 0.0, 0
+        """Scalar loss (float32).
+
+        Args:
+            student_out: one ``B x K`` logit tensor per crop, the global crops first (in the same order
+                as ``teacher_out``), then the local crops.
+            teacher_out: one ``B x K`` logit tensor per global crop (no gradient flows into these).
+            epoch: index into the teacher temperature schedule.
+        """
+        temp = self.teacher_temp(epoch)
+        teacher_probs = [F.softmax((t.detach().float() - self.center) / temp, dim=-1) for t in teacher_out]
+        total, pairs = None, 0
         for i, probs in enumerate(teacher_probs):
             for j, student in enumerate(student_out):
-                if i == j:  # the same view on both sides teaches nothing
+                if i == j:  # the same view on both sides: skipped, only cross-view terms count
                     continue
-                total = total + dino_cross_entropy(probs, student.float(), self.student_temp)
+                term = dino_cross_entropy(probs, student.float(), self.student_temp)
+                total = term if total is None else total + term
                 pairs += 1
+        if total is None:
+            raise ValueError(f"no (teacher i, student j != i) pair with {len(teacher_out)} teacher and "
+                             f"{len(student_out)} student crops; DINO needs at least 2 crops")
         self.update_center(teacher_out)
         return total / pairs
 
     @torch.no_grad()
     def update_center(self, teacher_out: list[torch.Tensor]) -> None:
-        outputs = torch.cat([t.float() for t in teacher_out])
+        """``center <- m * center + (1 - m) * mean of all teacher rows`` (mean over every process).
+
+        ``teacher_out``: list of ``B x K`` tensors. Sums and row counts are all-reduced, so the mean
+        is over the global batch even if processes hold different batch sizes.
+        """
+        outputs = torch.cat([t.detach().float() for t in teacher_out])
         batch_sum = outputs.sum(dim=0, keepdim=True)
-        count = torch.tensor([outputs.shape[0]], dtype=torch.float32, device=outputs.device)
+        count = torch.tensor([float(outputs.shape[0])], device=outputs.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_sum)
             dist.all_reduce(count)

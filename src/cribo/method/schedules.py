@@ -1,8 +1,11 @@
-"""Training schedules, computed up front as arrays indexed by the global step (or epoch).
+"""Training schedules, computed up front as arrays indexed by the global step (or by the epoch).
 
-As in DINO and CrIBo: the learning rate warms up linearly then follows a cosine to its final value;
-weight decay and the teacher's EMA momentum follow a cosine without warm-up; the teacher
-temperature warms up linearly per epoch and then stays constant.
+Conventions of DINO's ``utils.cosine_scheduler`` (which CrIBo's ``source/utils/utils.py`` copies):
+the learning rate warms up linearly, *both ends included* (``np.linspace(start, base, n)``, so the
+last warm-up step already equals ``base``), then follows a half cosine from ``base`` to ``final``
+that stops one step short of ``final``; weight decay and the teacher's EMA momentum use the same
+cosine without warm-up. The teacher temperature is a per-epoch array: linear (both ends included)
+over the warm-up epochs, then constant, as in DINO's ``DINOLoss.teacher_temp_schedule``.
 """
 
 from __future__ import annotations
@@ -10,28 +13,59 @@ from __future__ import annotations
 import numpy as np
 
 
+def _check_int(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_warmup(warmup_epochs: int, epochs: int) -> None:
+    _check_int("warmup_epochs", warmup_epochs, 0)
+    if warmup_epochs > epochs:
+        raise ValueError(f"warmup_epochs ({warmup_epochs}) must not exceed epochs ({epochs})")
+
+
 def cosine_schedule(base_value: float, final_value: float, epochs: int, steps_per_epoch: int,
                     warmup_epochs: int = 0, start_warmup_value: float = 0.0) -> np.ndarray:
-    """Per-step values: linear warm-up to ``base_value``, then cosine from ``base_value`` to ``final_value``.
+    """Per-step values: linear warm-up to ``base_value``, then a cosine from ``base_value`` to ``final_value``.
 
-    Returns an array of length ``epochs * steps_per_epoch``; at step ``i`` of the cosine part of
-    length ``L`` the value is ``final + (base - final) * (1 + cos(pi * i / L)) / 2``.
+    Args:
+        base_value: value at the end of the warm-up and at the start of the cosine.
+        final_value: value the cosine tends to (reached only in the limit, as in DINO).
+        epochs, steps_per_epoch: the array has ``epochs * steps_per_epoch`` entries.
+        warmup_epochs: length of the warm-up, ``W = warmup_epochs * steps_per_epoch`` steps, during
+            which the value goes linearly from ``start_warmup_value`` to ``base_value`` (both included).
+        start_warmup_value: first value of the warm-up.
+
+    Returns:
+        ``float64`` array of shape ``(epochs * steps_per_epoch,)``. At step ``i`` of the cosine part
+        of length ``L`` the value is ``final + 0.5 * (base - final) * (1 + cos(pi * i / L))``.
+
+    Raises:
+        ValueError: ``epochs`` or ``steps_per_epoch`` < 1, ``warmup_epochs`` < 0 or > ``epochs``.
     """
-    if epochs < 1 or steps_per_epoch < 1:
-        raise ValueError(f"epochs ({epochs}) and steps_per_epoch ({steps_per_epoch}) must be >= 1")
-    if not 0 <= warmup_epochs <= epochs:
-        raise ValueError(f"warmup_epochs must be between 0 and epochs ({epochs}), got {warmup_epochs}")
+    _check_int("epochs", epochs, 1)
+    _check_int("steps_per_epoch", steps_per_epoch, 1)
+    _check_warmup(warmup_epochs, epochs)
     warmup_steps = warmup_epochs * steps_per_epoch
-    warmup = np.linspace(start_warmup_value, base_value, warmup_steps, endpoint=False)
+    warmup = np.linspace(start_warmup_value, base_value, warmup_steps)  # endpoint included, as in DINO
     steps = np.arange(epochs * steps_per_epoch - warmup_steps)
-    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))
-    return np.concatenate([warmup, cosine])
+    length = max(len(steps), 1)  # an all-warm-up schedule has an empty cosine part
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * steps / length))
+    return np.concatenate([warmup, cosine]).astype(np.float64)
 
 
 def linear_warmup_then_constant(start: float, end: float, warmup_epochs: int, epochs: int) -> np.ndarray:
-    """Per-epoch values: linear from ``start`` to ``end`` over ``warmup_epochs``, then ``end``."""
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if not 0 <= warmup_epochs <= epochs:
-        raise ValueError(f"warmup_epochs must be between 0 and epochs ({epochs}), got {warmup_epochs}")
-    return np.concatenate([np.linspace(start, end, warmup_epochs), np.full(epochs - warmup_epochs, end)])
+    """Per-epoch values (the teacher temperature): linear from ``start`` to ``end`` over ``warmup_epochs``, then ``end``.
+
+    Entry ``e < warmup_epochs`` is ``start + (end - start) * e / (warmup_epochs - 1)`` (both ends
+    included, DINO's ``np.linspace``); every later entry is ``end``. Shape ``(epochs,)``.
+
+    Raises:
+        ValueError: ``epochs`` < 1, ``warmup_epochs`` < 0 or > ``epochs``.
+    """
+    _check_int("epochs", epochs, 1)
+    _check_warmup(warmup_epochs, epochs)
+    warmup = np.linspace(start, end, warmup_epochs)
+    return np.concatenate([warmup, np.full(epochs - warmup_epochs, end, dtype=np.float64)]).astype(np.float64)

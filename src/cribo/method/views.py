@@ -1,8 +1,17 @@
-"""Augmented views for self-distillation (DINO's multi-crop recipe, CrIBo's crop scale).
+"""Augmented views for self-distillation: DINO's multi-crop recipe with CrIBo's crop scale.
 
-Two global views with asymmetric colour pipelines (view 1: blur always; view 2: blur rarely,
-solarisation sometimes), plus optional smaller local views. CrIBo uses global crops of scale
-(0.25, 1) and no local crops; DINO uses (0.4, 1) plus local crops. Built on torchvision v2.
+Follows DINO's ``DataAugmentationDINO`` (and CrIBo's ``DataAugmentationCrIBo``), built on
+torchvision ``transforms.v2`` and driven by torch's RNG (``torch.manual_seed`` makes it repeatable):
+
+- global view 1: RandomResizedCrop (bicubic, antialiased) -> flip -> ColorJitter(0.4, 0.4, 0.2, 0.1)
+  with p=0.8 -> grayscale p=0.2 -> Gaussian blur p=1.0 -> float + Normalize;
+- global view 2: the same, but blur p=0.1 and Solarize (threshold 128 on 8-bit values) p=0.2;
+- local views: a smaller crop at ``local_scale``, same flip/colour, blur p=0.5.
+
+Blur sigma is drawn in (0.1, 2.0) px as in DINO's PIL blur; the kernel is fixed at about a tenth of
+the crop side, odd (23 px at 224, 9 px at 96), because torchvision's blur needs a kernel size.
+CrIBo uses global crops of scale (0.25, 1) and no local crops; DINO uses (0.4, 1) plus local crops.
+Inputs are PIL images (or uint8 tensors): solarisation thresholds 8-bit values.
 
 :class:`CrIBoViews` also returns, for each view, a map of original-image coordinates: the same
 crop and flip are applied to a grid holding every pixel's (x, y), so after averaging over a patch
@@ -18,11 +27,20 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
+# One definition of the ImageNet statistics for the package, re-exported here:
+# IMAGENET_MEAN = (0.485, 0.456, 0.406), IMAGENET_STD = (0.229, 0.224, 0.225).
 from cribo.data.segmentation import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DINOViews", "CrIBoViews", "patch_positions", "eval_transform"]
+
+
+def blur_kernel_size(size: int) -> int:
+    """Odd Gaussian kernel of about a tenth of the crop side (23 at 224, as in BYOL), at least 3."""
+    return max(3, (size // 10) | 1)
 
 
 def _blur(size: int, p: float) -> T.Transform:
-    kernel = max(3, (size // 10) | 1)  # odd, about a tenth of the crop, like a 23 px kernel at 224
+    kernel = blur_kernel_size(size)
     return T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=p)
 
 
@@ -35,11 +53,19 @@ def _colour() -> list[T.Transform]:
 
 
 class DINOViews:
-    """``__call__(PIL image) -> [global_1, global_2, local_1, ...]``, each ``3 x S x S`` normalised."""
+    """DINO multi-crop: ``__call__(PIL image) -> [global_1, global_2, local_1, ...]``.
+
+    Global views are ``3 x global_size x global_size``, local views ``3 x local_size x local_size``,
+    all float32 normalised with ``mean`` / ``std``. ``global_scale`` / ``local_scale`` are the
+    area fractions of RandomResizedCrop (aspect ratio in (3/4, 4/3)).
+    """
 
     def __init__(self, global_size: int = 96, local_size: int = 48, num_local_crops: int = 0,
                  global_scale: tuple[float, float] = (0.25, 1.0), local_scale: tuple[float, float] = (0.05, 0.25),
                  mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        if num_local_crops < 0:
+            raise ValueError(f"num_local_crops must be >= 0, got {num_local_crops}")
+
         def crop(size, scale):
             return [T.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True),
                     T.RandomHorizontalFlip()]
@@ -95,6 +121,7 @@ def patch_positions(positions: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
-    """Deterministic: resize to ``size x size`` (bicubic, antialiased) and normalise."""
+    """Deterministic: PIL image -> ``3 x size x size`` float32, resized (bicubic, antialiased, aspect
+    ratio not kept) and normalised ``(x / 255 - mean) / std``."""
     return T.Compose([T.Resize((size, size), interpolation=InterpolationMode.BICUBIC, antialias=True)]
                      + _to_tensor(mean, std))

@@ -207,7 +207,7 @@ def train_self_distillation(cfg: dict, output_dir: Path, dist_info: DistInfo) ->
 
     # ============ loss, optimizer and schedules (computed up front, indexed by global step) ============
     # Short runs skip the warm-ups, as the official code does for epochs <= 2.
-    warmup = optim_cfg["warmup_epochs"] if epochs > 2 else 0
+    warmup = min(optim_cfg["warmup_epochs"], epochs) if epochs > 2 else 0
     temp_warmup = min(dino_cfg["warmup_teacher_temp_epochs"], epochs) if epochs > 2 else 0
     teacher_temps = linear_warmup_then_constant(dino_cfg["warmup_teacher_temp"], dino_cfg["teacher_temp"],
                                                 temp_warmup, epochs)

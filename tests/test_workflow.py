@@ -80,3 +80,17 @@ def test_failed_pretrain_leaves_no_completion_marker_and_no_table(tmp_path):
     log = (workdir / "logs" / "ci" / ids["dino"] / "pretrain.log").read_text()
     assert "fewer than one global batch" in log
     assert json.loads(summaries[ids["random"]].read_text())["method"] == "random"
+
+
+def test_new_dataset_gives_new_feature_paths_even_for_data_independent_runs(tmp_path):
+    # the random run's checkpoint does not depend on the data; its features and rows do
+    def feature_dirs(workdir):
+        out = _snakemake(workdir, "-n")
+        assert out.returncode == 0, out.stderr
+        return {line.split("output: ")[1] for line in out.stdout.splitlines() if "/features/" in line and "output:" in line}
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = feature_dirs(_workdir(tmp_path / "a"))
+    b = feature_dirs(_workdir(tmp_path / "b", dataset__toyscenes__num_train=300))
+    assert a and b and not a & b

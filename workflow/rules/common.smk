@@ -16,7 +16,9 @@ DATA_ROOT = dataset_root(config)
 EVAL = config["evaluate"]
 INCONTEXT = EVAL["incontext"]
 # Folder names that carry the settings of the artefacts inside them.
-FEATURES_ID = f"{DATASET}-{EVAL['image_size']}px"
+# The dataset folder is hashed in too: a regenerated or moved dataset must not reuse old features
+# (a DVC experiment's temporary copy has no Snakemake metadata to notice the change otherwise).
+FEATURES_ID = f"{DATASET}-{short_hash(DATA_ROOT, 6)}-{EVAL['image_size']}px"
 INCONTEXT_ID = f"{FEATURES_ID}-{short_hash({k: INCONTEXT[k] for k in ('k', 'temperature', 'memory_size')}, 6)}"
 RUN_DIR = "results/{experiment}/{run_id}"
 

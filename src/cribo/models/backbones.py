@@ -8,7 +8,6 @@ protocols prescribe.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -106,10 +105,3 @@ def backbone_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> PatchFea
         raise CheckpointError(f"{source}: teacher backbone does not match the config's model "
                               f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     return ViTPatchFeatures(vit)
-
-
-def load_backbone(path: str | Path, device: str | torch.device = "cpu") -> PatchFeatureExtractor:
-    from cribo.train.checkpoint import load_checkpoint
-
-    model = backbone_from_checkpoint(load_checkpoint(path), str(path))
-    return model.to(device).eval()

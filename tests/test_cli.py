@@ -126,8 +126,11 @@ def test_cribo_trains_with_bank_and_logs_its_losses(tmp_path, tiny_voc):
     from cribo.train.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(out / "checkpoint.pth")
-    assert ckpt["memory_bank"]["entries"].shape == (2, 8 * 4, 32)
-    assert set(ckpt["dino_loss"]) == {"center_obj", "global_loss.center"}
+    # the official layout: a 2 x K*Q x D queue, per-image counts, and the two loss centres
+    assert ckpt["centroids_queue_cpu"].shape == (2, 8 * 4, 32) and ckpt["cpv_queue_cpu"].shape == (8,)
+    assert set(ckpt["dino_loss"]) == {"center", "center_c"}
+    assert all(k.startswith(("module.backbone.", "module.head.")) for k in ckpt["student"])
+    assert "head.last_layer_c.weight_g" in ckpt["teacher"] and "head.last_layer.weight_v" in ckpt["teacher"]
     # the teacher backbone of a CrIBo checkpoint serves the evaluations like any other
     (tiny_voc / "ImageSets/Segmentation/trainaug.txt").write_text(
         (tiny_voc / "ImageSets/Segmentation/train.txt").read_text())

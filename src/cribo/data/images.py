@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch.utils.data import Dataset
 
 from cribo.data.segmentation import DataError, load_rgb, read_split
@@ -31,7 +32,12 @@ def list_pretrain_images(root: str | Path, split: str | None) -> list[Path]:
 
 
 class UnlabeledImages(Dataset):
-    """``transform(PIL image)`` of each image path."""
+    """``transform(PIL image)`` of each image path.
+
+    Indexed by ``i`` or by ``(i, seed)`` (what :class:`cribo.train.sampling.ResumableEpochSampler`
+    yields): with a seed, the random transform runs under that seed in a forked RNG, so the result
+    depends on neither the worker nor the caller's RNG state, which is left untouched.
+    """
 
     def __init__(self, paths: list[Path], transform=None):
         self.paths = list(paths)
@@ -40,6 +46,15 @@ class UnlabeledImages(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int | tuple[int, int]):
+        seed = None
+        if isinstance(index, (tuple, list)):
+            index, seed = index
         image = load_rgb(self.paths[index])
-        return self.transform(image) if self.transform is not None else image
+        if self.transform is None:
+            return image
+        if seed is None:
+            return self.transform(image)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image)

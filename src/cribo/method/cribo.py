@@ -10,6 +10,7 @@ assignment applied to its own tokens, the same heads. Then the three losses of
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -55,13 +56,14 @@ class ObjectNet(nn.Module):
         if assignment is None:
             return cls_logits, patches, None
         b = images.shape[0] // 2
-        obj1, obj2, _ = object_vectors(patches[:b], patches[b:], assignment)
+        with torch.autocast(images.device.type, enabled=False):  # object means in fp32, as officially
+            obj1, obj2, _ = object_vectors(patches[:b].float(), patches[b:].float(), assignment)
         return cls_logits, patches, (self.head.forward_objects(obj1), self.head.forward_objects(obj2))
 
 
 def cribo_step(student: nn.Module, teacher: ObjectNet, loss_fn: CrIBoLoss, bank: ObjectMemoryBank | None,
                views: list[torch.Tensor], positions: list[torch.Tensor], epoch: int,
-               settings: ClusteringSettings, gather=None) -> dict[str, torch.Tensor | float]:
+               settings: ClusteringSettings, gather=None, amp=contextlib.nullcontext) -> dict[str, torch.Tensor | float]:
     """Losses of one batch; enqueues the batch's objects into ``bank`` after retrieval.
 
     Args:
@@ -69,32 +71,40 @@ def cribo_step(student: nn.Module, teacher: ObjectNet, loss_fn: CrIBoLoss, bank:
         views: two ``B x 3 x S x S`` batches; positions: two ``B x 2 x S x S`` coordinate maps.
         gather: ``fn(tensor) -> tensor`` concatenating a tensor over processes (identity when None),
             so every process enqueues the same objects and the banks stay identical.
+        amp: context manager for the network forwards (autocast, or nothing for fp32); clustering,
+            object vectors, retrieval and the losses always run in fp32.
     """
     gather = gather or (lambda t: t)
     b = views[0].shape[0]
     images = torch.cat(views)
     patch = teacher.backbone.patch_embed.patch_size[0]
     with torch.no_grad():
-        t_cls, t_tokens, _ = teacher(images)
+        with amp():
+            t_cls, t_tokens, _ = teacher(images)
+        t_cls = t_cls.float()
         t1, t2 = t_tokens[:b].float(), t_tokens[b:].float()
         pos = torch.cat([patch_positions(p.float(), patch) for p in positions], dim=1)  # B x 2N x 2
         assignment = joint_view_clustering(
             torch.cat([t1, t2], dim=1), pos, settings.num_clusters, settings.pos_alpha, settings.sinkhorn_lambda,
             settings.sinkhorn_iterations, settings.rounds, settings.hard_assignment, settings.update_marginal)
         obj1, obj2, valid = object_vectors(t1, t2, assignment)
-        t_obj = (teacher.head.forward_objects(obj1), teacher.head.forward_objects(obj2))
+        with amp():
+            t_obj = (teacher.head.forward_objects(obj1).float(), teacher.head.forward_objects(obj2).float())
         neighbours = cycle = None
         cycle_fraction = float("nan")
         if bank is not None:
             found = bank.retrieve(obj1, obj2, top_k=settings.top_k)
             m, k = found.cycle1.shape
-            neighbours = (teacher.head.forward_objects(found.nn_view1[0].reshape(m * k, -1)).reshape(m, k, -1),
-                          teacher.head.forward_objects(found.nn_view2[1].reshape(m * k, -1)).reshape(m, k, -1))
+            with amp():
+                neighbours = tuple(teacher.head.forward_objects(rows.reshape(m * k, -1)).float().reshape(m, k, -1)
+                                   for rows in (found.nn_view1[0], found.nn_view2[1]))
             cycle = (found.cycle1, found.cycle2)
             if not settings.cycle_check:
                 cycle = (torch.ones_like(found.cycle1), torch.ones_like(found.cycle2))
             cycle_fraction = found.cycle1.float().mean().item() if found.cycle1.numel() else 0.0
             bank.enqueue(gather(obj1), gather(obj2), gather(valid.sum(dim=1)))
-    s_cls, _, s_obj = student(images, assignment)
+    with amp():
+        s_cls, _, s_obj = student(images, assignment)
+    s_cls, s_obj = s_cls.float(), tuple(o.float() for o in s_obj)
     losses = loss_fn(list(s_cls.chunk(2)), list(t_cls.chunk(2)), s_obj, t_obj, neighbours, cycle, epoch)
     return {**losses, "objects_per_image": valid.sum(dim=1).float().mean().item(), "cycle_fraction": cycle_fraction}

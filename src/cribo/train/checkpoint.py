@@ -1,12 +1,20 @@
 """Checkpoints: written atomically, read without executing pickled code.
 
-A checkpoint is written to a temporary file in the same folder, flushed to disk and renamed over
-the target, so a crash mid-write leaves the previous checkpoint intact. It holds only tensors,
-numbers, strings and containers of them, so ``torch.load(weights_only=True)`` reads it.
+A checkpoint is written to a temporary file in the same folder, flushed to disk, renamed over the
+target and the folder entry synced, so a crash or a ``SIGKILL`` mid-write leaves the previous
+checkpoint intact. Ours hold only tensors, numbers, strings and containers of them, so
+``torch.load(weights_only=True)`` reads them.
+
+Official CrIBo checkpoints pickle their ``args`` as an ``argparse.Namespace``; torch's restricted
+unpickler is given exactly that one class (and nothing else), and the namespace is turned into a
+plain dict. A file that would need any other global (e.g. a payload calling ``os.system``) is
+refused with the name of that global. ``.safetensors`` files are read with safetensors (no pickle
+at all); their string metadata is returned under ``__metadata__``.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import pickle
@@ -22,6 +30,7 @@ class CheckpointLoadError(ValueError):
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
@@ -29,26 +38,71 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary files left by writers that were killed (their pid is gone) are only wasted disk."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        try:
+            os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)
+        except (ValueError, ProcessLookupError):
+            tmp.unlink(missing_ok=True)
+        except PermissionError:  # alive, owned by someone else
+            pass
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems do not support syncing a directory
+        pass
+    finally:
+        os.close(fd)
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Read one of our checkpoints, an official CrIBo/DINO checkpoint, a state dict or a safetensors file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointLoadError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointLoadError(
-            f"{path}: refused to load: it contains pickled objects other than tensors and plain "
-            f"containers: {_unpickling_reason(err)}") from err
+            f"{path}: refused to load: it contains pickled objects other than tensors, plain containers "
+            f"and argparse.Namespace ({_unpickling_reason(err)}); loading it would run code from the file. "
+            "If you trust its origin, convert it in a separate Python session with "
+            "torch.load(..., weights_only=False) and save its state dicts only") from err
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointLoadError(f"{path}: not a readable torch checkpoint ({err})") from err
     if not isinstance(ckpt, dict):
         raise CheckpointLoadError(f"{path}: expected a dict, got {type(ckpt).__name__}")
+    if isinstance(ckpt.get("args"), argparse.Namespace):
+        ckpt["args"] = vars(ckpt["args"])
     return ckpt
+
+
+def _load_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            state = {k: fh.get_tensor(k) for k in fh.keys()}
+            state["__metadata__"] = dict(fh.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise CheckpointLoadError(f"{path}: not a readable safetensors file ({err})") from err
+    return state
 
 
 def _unpickling_reason(err: Exception) -> str:

@@ -58,5 +58,5 @@ def test_missing_and_foreign_checkpoints(tmp_path):
     with pytest.raises(CheckpointLoadError, match="not found"):
         load_checkpoint(tmp_path / "nope.pth")
     torch.save({"state_dict": {}}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="not a cribo checkpoint"):
+    with pytest.raises(ValueError, match="not a checkpoint we can read"):
         backbone_from_checkpoint(load_checkpoint(tmp_path / "other.pth"))

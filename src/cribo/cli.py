@@ -1,6 +1,6 @@
 """The ``cribo`` command line: parses arguments and calls the library, nothing more.
 
-Subcommands: ``data`` (generate or list datasets), ``config`` (resolve a run config), ``train``,
+Subcommands: ``data`` (generate or list datasets), ``config`` (resolve a run config), ``train``, ``export``,
 ``extract``, ``eval incontext`` and ``table``. Errors a user can fix (bad config key, unknown
 dataset, corrupt file) are printed as one ``error:`` line naming the culprit, with exit code 2.
 """
@@ -25,6 +25,9 @@ def _add_common_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the backbone runs")
     p.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default 0)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--timm-model", default=None,
+                   help="timm architecture of a bare weights file given as --checkpoint (e.g. vit_small_patch16_224.dino); "
+                        "not needed for our checkpoints, official CrIBo/DINO checkpoints or exports")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,10 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a config value, dotted key, YAML value (e.g. optim.lr=0.001); repeatable")
     tr.add_argument("--summary", default=None,
                     help="also write a JSON summary here once training has finished (the DAG's completion marker)")
+    tr.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                    help="processes (GPUs) on this node; N > 1 relaunches this command under torchrun --standalone "
+                         "(0 or 1: one process). Under srun with one task per GPU, leave it at 1")
+
+    # ---- export ----
+    exp = sub.add_parser("export", help="write a slim evaluation checkpoint (teacher backbone, safetensors)")
+    exp.add_argument("--checkpoint", required=True, help="training checkpoint (ours or official CrIBo/DINO)")
+    exp.add_argument("--out", required=True, help="output file, *.safetensors")
 
     # ---- extract ----
     ex = sub.add_parser("extract", help="write a frozen backbone's patch features of one split to disk")
-    ex.add_argument("--checkpoint", required=True, help="checkpoint written by `cribo train`")
+    ex.add_argument("--checkpoint", required=True,
+                    help="ours (`cribo train`/`cribo export`), an official CrIBo/DINO checkpoint, or ViT weights (see --timm-model)")
     ex.add_argument("--split", required=True, help="split list name, e.g. train, trainaug or val")
     ex.add_argument("--out", required=True, help="output folder (feature store)")
     _add_common_eval(ex)
@@ -129,9 +141,30 @@ def cmd_config(args) -> None:
     write_run_config(runs[args.run], args.out)
 
 
+def _relaunch_under_torchrun(nproc: int, argv: list[str]) -> None:
+    """Replace this process by ``torchrun --standalone`` running the same command ``nproc`` times."""
+    import os
+
+    rest, skip = [], False
+    for arg in argv:  # drop --nproc-per-node so the children do not relaunch again
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "cribo.cli", *rest]
+    print("launching: " + " ".join(command), flush=True)
+    os.execv(sys.executable, command)
+
+
 def cmd_train(args) -> None:
+    import os
+
     from cribo.config import (ConfigError, apply_overrides, load_yaml, resolve_runs, run_id,
                               validate_run_config)
+    from cribo.train.distributed import read_launch_env
     from cribo.train.engine import train
 
     raw = load_yaml(args.config)
@@ -143,9 +176,17 @@ def cmd_train(args) -> None:
     elif args.run is not None:
         raise ConfigError(f"--run given but {args.config} has no 'runs' section")
     cfg = validate_run_config(apply_overrides(raw, args.overrides), args.config)
-    print(f"run id {run_id(cfg)}: method {cfg['method']}, output {args.output_dir}", flush=True)
+    launch = read_launch_env()
+    if args.nproc_per_node > 1 and launch.launcher == "single":
+        _relaunch_under_torchrun(args.nproc_per_node, args.argv)
+    if args.nproc_per_node > 1 and launch.world_size == 1 and "RANK" in os.environ:
+        raise ConfigError("--nproc-per-node > 1 inside a torchrun job of one process; launch either way, not both")
+    if launch.rank == 0:
+        print(f"run id {run_id(cfg)}: method {cfg['method']}, output {args.output_dir}", flush=True)
     started = time.time()
     path = train(cfg, args.output_dir)
+    if launch.rank != 0:  # rank 0 reports and writes the completion marker
+        return
     print(f"checkpoint: {path}")
     if args.summary:
         from cribo.config import atomic_write_text
@@ -162,10 +203,18 @@ def _load_eval_backbone(args):
     from cribo.train.distributed import pick_device
 
     ckpt = load_checkpoint(args.checkpoint)
-    backbone = backbone_from_checkpoint(ckpt, args.checkpoint)
+    backbone = backbone_from_checkpoint(ckpt, args.checkpoint, timm_model=getattr(args, "timm_model", None))
     device = pick_device(args.device)
-    size = args.image_size or ckpt["config"]["model"]["img_size"]
+    size = args.image_size or backbone.default_img_size
+    ckpt.setdefault("method", backbone.source_method)
     return backbone.to(device), ckpt, device, size
+
+
+def cmd_export(args) -> None:
+    from cribo.train.export import export_backbone
+
+    path = export_backbone(args.checkpoint, args.out)
+    print(f"backbone exported to {path} ({path.stat().st_size / 2**20:.1f} MiB)")
 
 
 def cmd_extract(args) -> None:
@@ -221,12 +270,13 @@ def cmd_table(args) -> None:
     print(Path(paths["md"]).read_text(), end="")
 
 
-COMMANDS = {"data": cmd_data, "config": cmd_config, "train": cmd_train, "extract": cmd_extract,
+COMMANDS = {"data": cmd_data, "config": cmd_config, "train": cmd_train, "export": cmd_export, "extract": cmd_extract,
             "eval": cmd_eval, "table": cmd_table}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     from cribo.config import ConfigError
     from cribo.data.registry import UnknownDatasetError
     from cribo.data.segmentation import DataError

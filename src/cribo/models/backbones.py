@@ -89,19 +89,119 @@ class CheckpointError(ValueError):
     pass
 
 
-def backbone_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> PatchFeatureExtractor:
-    """The frozen evaluation backbone stored in one of our checkpoints (the teacher's)."""
-    method = ckpt.get("method")
-    cfg = ckpt.get("config")
-    if cfg is None or method is None:
-        raise CheckpointError(f"{source}: not a cribo checkpoint (no 'method'/'config' keys; "
-                              f"keys are {sorted(ckpt)[:10]})")
-    if method == "pixels":
-        return PixelPatches(ckpt["teacher"]["pixel_mean"], cfg["model"]["patch_size"])
-    vit = build_vit(cfg["model"], drop_path_rate=0.0)
-    state = strip_prefix(ckpt["teacher"], "backbone.")
+# ViT widths -> heads, for state dicts that carry no configuration (DeiT/DINO/timm conventions)
+HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+
+
+def backbone_from_checkpoint(ckpt: dict, source: str = "checkpoint", timm_model: str | None = None) -> PatchFeatureExtractor:
+    """The frozen evaluation backbone held by a loaded checkpoint, whatever wrote it.
+
+    Accepted (``ckpt`` as returned by :func:`cribo.train.checkpoint.load_checkpoint`):
+
+    - ours (``method`` and ``config`` keys): the teacher backbone, or the pixel baseline;
+    - a ``cribo export`` safetensors file (the model config in its metadata);
+    - an official CrIBo or DINO training checkpoint (``teacher`` with ``backbone.*`` keys);
+    - a bare ViT state dict (a DINO/DeiT release, a timm ``.safetensors``/``.pth`` file, or one
+      nested under ``model``/``state_dict``): with ``timm_model`` given, that timm architecture is
+      built and timm's own key conversion applied; otherwise a ViT is built from the tensor shapes.
+
+    The model is built for the grid of the stored position embeddings, and timm interpolates them
+    for any other input size at run time. The result has ``default_img_size`` (the training crop
+    size) and ``source_method`` attributes. A state dict that does not fit raises
+    :class:`CheckpointError` listing missing and unexpected keys.
+    """
+    method, cfg = ckpt.get("method"), ckpt.get("config")
+    if method is not None and cfg is not None:  # ours
+        if method == "pixels":
+            model = PixelPatches(ckpt["teacher"]["pixel_mean"], cfg["model"]["patch_size"])
+            return _tag(model, cfg["model"]["img_size"], method)
+        vit = build_vit(cfg["model"], drop_path_rate=0.0)
+        _load_strict(vit, strip_prefix(ckpt["teacher"], "backbone."), source, "the config's model")
+        return _tag(ViTPatchFeatures(vit), cfg["model"]["img_size"], method)
+    meta = ckpt.get("__metadata__") or {}
+    state = {k: v for k, v in ckpt.items() if k != "__metadata__"}
+    if "cribo_model" in meta:  # cribo export
+        import json
+
+        model_cfg = json.loads(meta["cribo_model"])
+        vit = build_vit(model_cfg, drop_path_rate=0.0)
+        _load_strict(vit, state, source, "the model in its metadata")
+        return _tag(ViTPatchFeatures(vit), model_cfg["img_size"], meta.get("method", "exported"))
+    if isinstance(ckpt.get("teacher"), dict):  # official CrIBo / DINO training checkpoint
+        state, source_method = ckpt["teacher"], "official"
+    else:
+        for key in ("model", "state_dict", "teacher_backbone"):
+            if isinstance(ckpt.get(key), dict):
+                state = ckpt[key]
+                break
+        source_method = "timm" if timm_model else "state_dict"
+    state = {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
+    if any(k.startswith("backbone.") for k in state):
+        state = strip_prefix(state, "backbone.")
+    if timm_model is not None:
+        model = _timm_backbone(timm_model, state, source)
+        return _tag(model, model.vit.patch_embed.img_size[0], source_method)
+    if "pos_embed" not in state or "patch_embed.proj.weight" not in state:
+        raise CheckpointError(f"{source}: not a checkpoint we can read: no cribo 'method'/'config' keys, no "
+                              f"'teacher', and no ViT weights (pos_embed, patch_embed.proj.weight) in keys "
+                              f"{sorted(state)[:8]}; for another timm architecture pass --timm-model NAME")
+    vit, img_size = _vit_from_shapes(state, source)
+    _load_strict(vit, state, source, "a ViT inferred from its shapes")
+    return _tag(ViTPatchFeatures(vit), img_size, source_method)
+
+
+def _tag(model: PatchFeatureExtractor, img_size: int | None, method: str) -> PatchFeatureExtractor:
+    model.default_img_size = img_size
+    model.source_method = method
+    return model
+
+
+def _load_strict(vit: nn.Module, state: dict, source: str, what: str) -> None:
     missing, unexpected = vit.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: teacher backbone does not match the config's model "
-                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-    return ViTPatchFeatures(vit)
+    mismatched = [k for k, v in state.items() if k in vit.state_dict() and vit.state_dict()[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        raise CheckpointError(f"{source}: the backbone weights do not fit {what}: missing keys {missing[:6]}"
+                              f"{' ...' if len(missing) > 6 else ''}, unexpected keys {unexpected[:6]}"
+                              f"{' ...' if len(unexpected) > 6 else ''}, wrong shapes {mismatched[:6]} "
+                              "(is it another architecture or patch size?)")
+
+
+def _vit_from_shapes(state: dict, source: str) -> tuple[VisionTransformer, int]:
+    """A timm ViT matching a DeiT/DINO-style state dict: width, depth, patch, grid and biases from shapes."""
+    width = state["pos_embed"].shape[-1]
+    patch = state["patch_embed.proj.weight"].shape[-1]
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    prefix = 1 if "cls_token" in state else 0
+    grid = round((state["pos_embed"].shape[1] - prefix) ** 0.5)
+    if width not in HEADS_BY_WIDTH:
+        raise CheckpointError(f"{source}: ViT width {width} has no standard number of heads; pass --timm-model NAME")
+    mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / width
+    vit = VisionTransformer(img_size=grid * patch, patch_size=patch, embed_dim=width, depth=depth,
+                            num_heads=HEADS_BY_WIDTH[width], mlp_ratio=mlp_ratio, num_classes=0,
+                            qkv_bias="blocks.0.attn.qkv.bias" in state, class_token=bool(prefix),
+                            dynamic_img_size=True)
+    return vit, grid * patch
+
+
+def _timm_backbone(name: str, state: dict, source: str) -> PatchFeatureExtractor:
+    import timm
+    from timm.models import vision_transformer
+
+    kwargs = {}
+    if "pos_embed" in state and "patch_embed.proj.weight" in state:
+        # build at the grid the weights were trained at (no lossy resampling at load time)
+        tokens = state["pos_embed"].shape[1] - (1 if "cls_token" in state else 0) - (
+            state["reg_token"].shape[1] if "reg_token" in state else 0)
+        kwargs["img_size"] = round(tokens ** 0.5) * state["patch_embed.proj.weight"].shape[-1]
+    try:
+        vit = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
+    except RuntimeError as err:
+        raise CheckpointError(f"--timm-model {name!r}: {err}") from err
+    if not isinstance(vit, VisionTransformer):
+        raise CheckpointError(f"--timm-model {name!r} is not a VisionTransformer; only ViTs give patch tokens here")
+    # timm's converter handles the DINO/MAE/DINOv2 key conventions and resamples position embeddings
+    state = vision_transformer.checkpoint_filter_fn(state, vit)
+    state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.")) or k in vit.state_dict()}
+    _load_strict(vit, state, source, f"timm model {name}")
+    model = ViTPatchFeatures(vit)
+    return model

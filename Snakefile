@@ -20,6 +20,13 @@ include: "workflow/rules/eval.smk"
 include: "workflow/rules/tables.smk"
 
 
+# seconds of work each: not worth a cluster job (and its scheduling latency) under --executor slurm
+localrules:
+    all,
+    run_config,
+    table,
+
+
 rule all:
     default_target: True
     input:

@@ -1,4 +1,4 @@
-# pretrain: one resolved run config per run id, then `cribo train` on it.
+# pretrain: one resolved run config per run id, then `cribo train` on it (torchrun when gpu > 1).
 # The rule's output is summary.json, written last: checkpoint.pth is rewritten every epoch and is
 # not a declared output, so a failed or killed job keeps it and the rerun resumes from it.
 
@@ -29,8 +29,12 @@ rule pretrain:
     benchmark:
         "logs/benchmarks/{experiment}/{run_id}/pretrain.tsv"
     threads: workflow.cores
+    resources:
+        # processes (GPUs) of the run: 0 locally (one CPU process); the SLURM profile asks for N GPUs
+        # (-> sbatch --gpus=N) and `cribo train` then relaunches itself under torchrun --standalone
+        gpu=0,
     params:
         outdir=lambda wc, output: os.path.dirname(output[0]),
     shell:
-        "cribo train --config {input.cfg} --output-dir {params.outdir} "
+        "cribo train --config {input.cfg} --output-dir {params.outdir} --nproc-per-node {resources.gpu} "
         "--set train.threads={threads} --summary {output} > {log} 2>&1"

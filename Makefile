@@ -7,7 +7,7 @@ CONFIG ?= config/config.yaml
 CORES  ?= all
 BIN     = $(VENV)/bin
 
-.PHONY: install run test dry-run clean-results
+.PHONY: install run test dry-run clean-results slurm-test
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,8 @@ test: install
 
 clean-results:
 	rm -rf results/toy results/ci logs .snakemake
+
+# A real single-node Slurm (installed from Debian, root only) running the CI DAG through the
+# project's SLURM profile; see tools/slurm/run-dag.sh.
+slurm-test: install
+	PATH=$(CURDIR)/$(BIN):$$PATH tools/slurm/run-dag.sh

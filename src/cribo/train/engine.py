@@ -127,6 +127,11 @@ def train(cfg: dict, output_dir: str | Path) -> Path:
     # Each rank draws its own augmentations and dropout (the official code seeds all ranks alike).
     seed_everything(cfg["seed"] + dist_info.rank)
     if dist_info.is_main:
+        # what the scheduler gave us: the first thing to check when a cluster job misbehaves
+        env = " ".join(f"{k}={os.environ[k]}" for k in ("SLURM_JOB_ID", "SLURM_NTASKS", "CUDA_VISIBLE_DEVICES")
+                       if k in os.environ)
+        print(f"launch: {dist_info.world_size} process(es), cuda devices visible: {torch.cuda.device_count()} "
+              f"{env}".rstrip(), flush=True)
         output_dir.mkdir(parents=True, exist_ok=True)
         write_run_config(cfg, output_dir / "config.yaml")
         atomic_write_text(output_dir / "provenance.json", json.dumps(provenance(dist_info.world_size), indent=2))

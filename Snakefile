@@ -25,9 +25,11 @@ localrules:
     all,
     run_config,
     table,
+    training_curves,
 
 
 rule all:
     default_target: True
     input:
         rules.table.output,
+        rules.training_curves.output,

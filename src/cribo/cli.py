@@ -111,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     tb = sub.add_parser("table", help="build results tables (CSV + Markdown) from JSON rows")
     tb.add_argument("--rows", nargs="+", required=True, help="row files or folders searched recursively")
     tb.add_argument("--out", required=True, help="output folder, e.g. results/tables")
+
+    # ---- curves ----
+    cu = sub.add_parser("curves", help="training curves of several runs as one TSV (one column per run), for dvc plots")
+    cu.add_argument("--runs", nargs="+", required=True, metavar="NAME=PRETRAIN_DIR",
+                    help="run name and its pretrain folder (holding log_steps.jsonl)")
+    cu.add_argument("--metric", default="loss", help="logged quantity to plot (default: loss)")
+    cu.add_argument("--out", required=True, help="output TSV")
     return parser
 
 
@@ -263,6 +270,18 @@ def cmd_eval(args) -> None:
     print(f"in-context mIoU {row['miou']:.2f} (Hungarian {row['miou_hungarian']:.2f}) -> {args.out}")
 
 
+def cmd_curves(args) -> None:
+    from cribo.results.curves import write_curves
+
+    runs = {}
+    for item in args.runs:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--runs {item!r}: expected NAME=PRETRAIN_DIR")
+        runs[name] = folder
+    print(f"curves of {len(runs)} runs -> {write_curves(runs, args.out, args.metric)}")
+
+
 def cmd_table(args) -> None:
     from cribo.results.tables import write_tables
 
@@ -271,7 +290,7 @@ def cmd_table(args) -> None:
 
 
 COMMANDS = {"data": cmd_data, "config": cmd_config, "train": cmd_train, "export": cmd_export, "extract": cmd_extract,
-            "eval": cmd_eval, "table": cmd_table}
+            "eval": cmd_eval, "table": cmd_table, "curves": cmd_curves}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,3 +38,17 @@ rule pretrain:
     shell:
         "cribo train --config {input.cfg} --output-dir {params.outdir} --nproc-per-node {resources.gpu} "
         "--set train.threads={threads} --summary {output} > {log} 2>&1"
+
+
+rule training_curves:
+    # the runs' loss per step side by side (one column per run), drawn by `dvc plots show`
+    input:
+        expand(f"results/{EXPERIMENT}/{{run_id}}/pretrain/summary.json", run_id=RUN_IDS.values()),
+    output:
+        "results/tables/training_curves.tsv",
+    log:
+        "logs/tables/training_curves.log",
+    params:
+        runs=lambda wc, input: [f"{RUN_NAME[p.split('/')[2]]}={os.path.dirname(p)}" for p in input],
+    shell:
+        "cribo curves --runs {params.runs} --out {output} > {log} 2>&1"

@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ours (`cribo train`/`cribo export`), an official CrIBo/DINO checkpoint, or ViT weights (see --timm-model)")
     ex.add_argument("--split", required=True, help="split list name, e.g. train, trainaug or val")
     ex.add_argument("--out", required=True, help="output folder (feature store)")
+    ex.add_argument("--passes", type=int, default=1,
+                    help="passes over the split (the in-context memory protocol uses 2 augmented passes)")
+    ex.add_argument("--augment", action="store_true",
+                    help="augment each pass (colour jitter + random resized crop, seeded per image and pass)")
+    ex.add_argument("--shard-images", type=int, default=2048,
+                    help="images per resumable shard (default 2048)")
     _add_common_eval(ex)
 
     # ---- eval ----
@@ -103,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="memory entries (patches) kept, split evenly over images by rarity; default: all")
     ic.add_argument("--fraction", type=float, default=1.0, help="fraction of training images in memory (default 1)")
     ic.add_argument("--seed", type=int, default=0, help="seed of the fraction subset and memory sampling")
+    ic.add_argument("--train-list", default=None,
+                    help="file of memory image ids (one per line) instead of a seeded random --fraction")
+    ic.add_argument("--list-dir", default=None,
+                    help="folder of such files in the open-hummingbird-eval layout (1_div_<D>/...<seed>...txt): "
+                         "the file for --fraction 1/D and --seed is used")
     ic.add_argument("--experiment", default=None, help="experiment name recorded in the row")
     ic.add_argument("--run-name", default=None, help="run name recorded in the row")
     _add_common_eval(ic)
@@ -226,16 +237,17 @@ def cmd_export(args) -> None:
 
 def cmd_extract(args) -> None:
     from cribo.data.registry import get_spec
-    from cribo.eval.features import extract_split, write_store
+    from cribo.eval.features import extract_to_disk, load_store
     from cribo.train.checkpoint import file_sha256
 
     spec = get_spec(args.dataset, args.data_root)
     backbone, ckpt, device, size = _load_eval_backbone(args)
-    store = extract_split(backbone, spec, args.data_root, args.split, size, batch_size=args.batch_size,
-                          device=device, num_workers=args.num_workers, progress=not args.no_progress)
-    write_store(store, args.out, {"checkpoint": args.checkpoint, "checkpoint_sha256": file_sha256(args.checkpoint),
-                                  "method": ckpt["method"]})
-    print(f"features {store.features.shape} written to {args.out}")
+    extract_to_disk(backbone, spec, args.data_root, args.split, size, args.out, batch_size=args.batch_size,
+                    device=device, num_workers=args.num_workers, passes=args.passes, augment=args.augment,
+                    shard_images=args.shard_images, progress=not args.no_progress,
+                    extra_meta={"checkpoint": args.checkpoint, "checkpoint_sha256": file_sha256(args.checkpoint),
+                                "method": ckpt["method"]})
+    print(f"features {load_store(args.out).features.shape} written to {args.out}")
 
 
 def cmd_eval(args) -> None:
@@ -258,9 +270,15 @@ def cmd_eval(args) -> None:
     for store in (train_store, val_store):
         if store.meta["dataset"] != spec.name:
             raise ValueError(f"feature store of dataset {store.meta['dataset']!r} given for --dataset {spec.name}")
+    from cribo.eval.subsets import find_list_file, read_id_list
+
+    list_file = args.train_list or (find_list_file(args.list_dir, args.fraction, args.seed) if args.list_dir else None)
     result = run_incontext(train_store, val_store, fraction=args.fraction, seed=args.seed, k=args.k,
                            temperature=args.temperature, memory_size=args.memory_size,
+                           train_ids=read_id_list(list_file) if list_file else None,
                            progress=not args.no_progress)
+    if list_file:
+        result["train_list"] = str(list_file)
     row = make_row("incontext", result, checkpoint=args.checkpoint,
                    checkpoint_sha256=file_sha256(args.checkpoint), checkpoint_cfg=ckpt.get("config"),
                    dataset=spec.name, split=val_store.meta["split"],

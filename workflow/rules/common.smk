@@ -19,8 +19,11 @@ INCONTEXT = EVAL["incontext"]
 # The dataset folder is hashed in too: a regenerated or moved dataset must not reuse old features
 # (a DVC experiment's temporary copy has no Snakemake metadata to notice the change otherwise).
 FEATURES_ID = f"{DATASET}-{short_hash(DATA_ROOT, 6)}-{EVAL['image_size']}px"
-INCONTEXT_ID = f"{FEATURES_ID}-{short_hash({k: INCONTEXT[k] for k in ('k', 'temperature', 'memory_size')}, 6)}"
+INCONTEXT_ID = f"{FEATURES_ID}-{short_hash({k: INCONTEXT[k] for k in ('k', 'temperature', 'memory_size', 'memory_passes', 'memory_augment')}, 6)}"
 RUN_DIR = "results/{experiment}/{run_id}"
+# feature folders: the queries in one plain pass, the memory as the protocol asks
+QUERY_PASSES = "x1"
+MEMORY_PASSES = f"x{INCONTEXT['memory_passes']}{'a' if INCONTEXT['memory_augment'] else ''}"
 
 
 wildcard_constraints:
@@ -29,6 +32,7 @@ wildcard_constraints:
     split="[A-Za-z0-9_]+",
     fraction="[0-9.]+",
     seed="[0-9]+",
+    passes="x[0-9]+a?",
 
 
 def incontext_rows():

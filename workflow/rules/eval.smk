@@ -7,8 +7,8 @@ SPEC = get_spec(DATASET)
 rule eval_incontext:
     input:
         summary=f"{RUN_DIR}/pretrain/summary.json",
-        train=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.train_split}",
-        val=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.val_split}",
+        train=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.train_split}-{MEMORY_PASSES}",
+        val=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.val_split}-{QUERY_PASSES}",
     output:
         f"{RUN_DIR}/eval/incontext/{INCONTEXT_ID}/f{{fraction}}-s{{seed}}.json",
     log:

@@ -1,4 +1,6 @@
 # extract: the frozen teacher backbone's last-layer patch tokens of one split, on disk.
+# The folder name carries the passes: "<split>-x1" (one plain pass, the queries) or "<split>-x2a"
+# (two augmented passes, the in-context memory).
 
 
 rule extract:
@@ -6,17 +8,19 @@ rule extract:
         summary=f"{RUN_DIR}/pretrain/summary.json",
         data=DATA_ROOT,
     output:
-        directory(f"{RUN_DIR}/features/{FEATURES_ID}/{{split}}"),
+        directory(f"{RUN_DIR}/features/{FEATURES_ID}/{{split}}-{{passes}}"),
     log:
-        f"logs/{{experiment}}/{{run_id}}/extract-{FEATURES_ID}-{{split}}.log",
+        f"logs/{{experiment}}/{{run_id}}/extract-{FEATURES_ID}-{{split}}-{{passes}}.log",
     benchmark:
-        f"logs/benchmarks/{{experiment}}/{{run_id}}/extract-{FEATURES_ID}-{{split}}.tsv"
+        f"logs/benchmarks/{{experiment}}/{{run_id}}/extract-{FEATURES_ID}-{{split}}-{{passes}}.tsv"
     threads: workflow.cores
     params:
         ckpt=lambda wc, input: os.path.join(os.path.dirname(input.summary), "checkpoint.pth"),
         size=EVAL["image_size"],
         batch=EVAL["batch_size"],
+        passes=lambda wc: wc.passes[1:].rstrip("a"),
+        augment=lambda wc: "--augment" if wc.passes.endswith("a") else "",
     shell:
         "cribo extract --checkpoint {params.ckpt} --dataset {DATASET} --data-root {input.data} "
         "--split {wildcards.split} --image-size {params.size} --batch-size {params.batch} "
-        "--out {output} --no-progress > {log} 2>&1"
+        "--passes {params.passes} {params.augment} --out {output} --no-progress > {log} 2>&1"

@@ -116,8 +116,10 @@ class ResizePair:
         self.std = torch.tensor(std).view(3, 1, 1)
 
     def __call__(self, image: Image.Image, mask: np.ndarray):
-        image = image.resize((self.size, self.size), Image.BICUBIC)
-        mask_img = Image.fromarray(mask).resize((self.size, self.size), Image.NEAREST)
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        x = (x - self.mean) / self.std
-        return x, torch.from_numpy(np.array(mask_img, dtype=np.uint8))
+        if image.size != (self.size, self.size):  # already at size: resampling would be an identity
+            image = image.resize((self.size, self.size), Image.BICUBIC)
+        if mask.shape != (self.size, self.size):
+            mask = np.asarray(Image.fromarray(mask).resize((self.size, self.size), Image.NEAREST))
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+        x = (x / 255.0 - self.mean) / self.std
+        return x, torch.from_numpy(np.array(mask, dtype=np.uint8))

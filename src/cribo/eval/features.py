@@ -7,23 +7,29 @@ A feature store is a folder holding::
     masks.npy         I x S x S uint8     ground truth resized (nearest) to the evaluation size S
     meta.json         dataset, split, ids, grid, sizes, checkpoint sha256, provenance
 
-It is written under a temporary name and renamed when complete, so an interrupted extraction never
-leaves a store that looks finished. Every evaluation reads stores instead of re-running the
-backbone, which is why the DAG has one extraction per (checkpoint, dataset, split, size).
+Rows are pass-major: with ``passes`` > 1 (the in-context memory is built from 2 augmented passes
+over the training images) row ``p * I + i`` is image ``i`` in pass ``p``. Extraction runs shard by
+shard into ``<store>.partial/`` (each shard written atomically, so a killed extraction resumes
+where it stopped), then the shards are assembled under a temporary name and renamed: a store that
+exists is complete. Decoding and label counting overlap the forward pass (a prefetch thread, or
+DataLoader workers). Every evaluation reads stores instead of re-running the backbone, which is
+why the DAG has one extraction per (checkpoint, dataset, split, size, passes).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from cribo.config import provenance
@@ -31,6 +37,7 @@ from cribo.data.registry import DatasetSpec
 from cribo.data.segmentation import ResizePair, VOCLayoutSegmentation
 from cribo.eval.incontext import patch_label_counts
 from cribo.models.backbones import PatchFeatureExtractor
+from cribo.train.sampling import sample_seed
 
 
 @dataclass
@@ -51,37 +58,222 @@ def check_image_size(image_size: int, patch_size: int) -> None:
                          f"{patch_size}; pick e.g. {image_size // patch_size * patch_size}")
 
 
+class MemoryAugmentation:
+    """The Hummingbird memory augmentation of an (image, mask) pair, then :class:`ResizePair`.
+
+    Colour jitter on the image only (brightness, contrast, saturation and hue 0.1, each applied
+    independently with probability 0.5) and one random resized crop applied to both (scale
+    0.5-2.0 of the area, capped by torchvision at the whole image; ratio 3/4-4/3; bilinear for the
+    image, nearest for the mask), as open-hummingbird-eval does. Random draws come from the global
+    torch RNG, which the caller seeds per sample.
+    """
+
+    def __init__(self, size: int):
+        from torchvision.transforms import v2
+
+        self.resize = ResizePair(size)
+        self.jitter = [v2.RandomApply([t], p=0.5) for t in (
+            v2.ColorJitter(brightness=0.1), v2.ColorJitter(contrast=0.1), v2.ColorJitter(saturation=0.1),
+            v2.ColorJitter(hue=0.1))]
+        self.crop = v2.RandomResizedCrop(size, scale=(0.5, 2.0), ratio=(3 / 4, 4 / 3))
+
+    def __call__(self, image, mask: np.ndarray):
+        for jitter in self.jitter:
+            image = jitter(image)
+        top, left, height, width = _crop_box(self.crop, image)
+        image = image.crop((left, top, left + width, top + height))
+        mask = mask[top:top + height, left:left + width]
+        return self.resize(image, np.ascontiguousarray(mask))
+
+
+def _crop_box(crop, image) -> tuple[int, int, int, int]:
+    """``(top, left, height, width)`` of a RandomResizedCrop box for a PIL image."""
+    from torchvision.transforms import RandomResizedCrop
+
+    return RandomResizedCrop.get_params(image, scale=list(crop.scale), ratio=list(crop.ratio))
+
+
+class _PassesDataset(Dataset):
+    """Item ``p * I + i``: image ``i`` of the split in pass ``p``, resized (and augmented if asked),
+    with its resized mask and per-patch label counts (computed here, off the forward's critical path)."""
+
+    def __init__(self, base: VOCLayoutSegmentation, spec: DatasetSpec, image_size: int, patch_size: int,
+                 passes: int, augment: bool, seed: int):
+        self.base, self.spec, self.patch_size = base, spec, patch_size
+        self.passes, self.augment, self.seed = passes, augment, seed
+        self.resize = ResizePair(image_size)
+        self.augmentation = MemoryAugmentation(image_size) if augment else None
+
+    def __len__(self) -> int:
+        return self.passes * len(self.base)
+
+    def __getitem__(self, item: int):
+        pass_index, index = divmod(item, len(self.base))
+        image, mask = self.base[index]
+        if self.augmentation is None:
+            x, m = self.resize(image, mask)
+        else:  # seeded per (pass, image): resumable and independent of workers
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(self.seed, pass_index, index))
+                x, m = self.augmentation(image, mask)
+        return x, m
+
+    def collate(self, items):
+        """Stack a batch and count its patch labels in one vectorised pass (in the loading thread)."""
+        images = torch.stack([x for x, _ in items])
+        masks = torch.stack([m for _, m in items])
+        counts = patch_label_counts(masks.numpy(), self.patch_size, self.spec.num_classes, self.spec.ignore_index)
+        return images, masks, counts
+
+
+def _prefetched(loader: DataLoader, depth: int = 2):
+    """Iterate ``loader`` in a background thread so decoding overlaps the forward pass (JPEG
+    decoding, resizing and numpy release the GIL, as does the backbone)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def fill():
+        try:
+            for batch in loader:
+                q.put(batch)
+        except BaseException as err:  # re-raised in the consumer
+            q.put(err)
+        q.put(done)
+
+    thread = threading.Thread(target=fill, daemon=True)
+    thread.start()
+    while (batch := q.get()) is not done:
+        if isinstance(batch, BaseException):
+            raise batch
+        yield batch
+    thread.join()
+
+
 @torch.no_grad()
-def extract_split(backbone: PatchFeatureExtractor, spec: DatasetSpec, root: str | Path, split: str,
-                  image_size: int, batch_size: int = 32, device: str | torch.device = "cpu",
-                  num_workers: int = 0, ids: list[str] | None = None, progress: bool = True) -> FeatureStore:
-    """Patch features, per-patch label counts and resized masks of every image of a split."""
+def _extract_items(backbone: PatchFeatureExtractor, dataset: _PassesDataset, items: range, batch_size: int,
+                   device, num_workers: int, on_batch=None):
+    """Features (fp16), label counts (uint16) and masks (uint8) of dataset ``items``."""
+    loader = DataLoader(Subset(dataset, list(items)), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=dataset.collate)
+    feats, counts, masks = [], [], []
+    batches = loader if num_workers > 0 else _prefetched(loader)
+    for images, batch_masks, batch_counts in batches:
+        out = backbone(images.to(device, non_blocking=True))
+        feats.append(out.reshape(images.shape[0], -1, out.shape[-1]).to(torch.float16).cpu().numpy())
+        counts.append(batch_counts)
+        masks.append(batch_masks.numpy())
+        if on_batch is not None:
+            on_batch(images.shape[0])
+    return np.concatenate(feats), np.concatenate(counts), np.concatenate(masks)
+
+
+def _split_dataset(backbone, spec, root, split, image_size, passes, augment, seed, ids=None):
     check_image_size(image_size, backbone.patch_size)
-    dataset = VOCLayoutSegmentation(root, split, transform=ResizePair(image_size), ids=ids)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, got {passes}")
+    base = VOCLayoutSegmentation(root, split, transform=None, ids=ids)
+    return _PassesDataset(base, spec, image_size, backbone.patch_size, passes, augment, seed)
+
+
+def _store_meta(spec, root, split, dataset: _PassesDataset, image_size: int, backbone) -> dict:
     grid = image_size // backbone.patch_size
-    n_img = len(dataset)
-    features = np.empty((n_img, grid * grid, backbone.embed_dim), dtype=np.float16)
-    counts = np.empty((n_img, grid * grid, spec.num_classes), dtype=np.uint16)
-    masks = np.empty((n_img, image_size, image_size), dtype=np.uint8)
-    backbone = backbone.to(device).eval()
-    start = 0
-    for images, batch_masks in tqdm(loader, desc=f"extract {spec.name}/{split}", disable=not progress,
-                                    file=sys.stdout, mininterval=5):
-        end = start + images.shape[0]
-        feats = backbone(images.to(device)).float()
-        features[start:end] = feats.reshape(images.shape[0], grid * grid, -1).cpu().numpy()
-        masks[start:end] = batch_masks.numpy()
-        counts[start:end] = patch_label_counts(batch_masks.numpy(), backbone.patch_size,
-                                               spec.num_classes, spec.ignore_index)
-        start = end
-    meta = {
-        "dataset": spec.name, "split": split, "root": str(root), "ids": dataset.ids,
+    return {
+        "dataset": spec.name, "split": split, "root": str(root), "ids": dataset.base.ids,
         "image_size": image_size, "patch_size": backbone.patch_size, "grid": [grid, grid],
         "embed_dim": backbone.embed_dim, "num_classes": spec.num_classes,
         "ignore_index": spec.ignore_index, "class_names": list(spec.class_names),
+        "passes": dataset.passes, "augment": dataset.augment, "augment_seed": dataset.seed,
+        "num_images": len(dataset.base),
     }
-    return FeatureStore(features, counts, masks, meta)
+
+
+def extract_split(backbone: PatchFeatureExtractor, spec: DatasetSpec, root: str | Path, split: str,
+                  image_size: int, batch_size: int = 32, device: str | torch.device = "cpu",
+                  num_workers: int = 0, ids: list[str] | None = None, progress: bool = True,
+                  passes: int = 1, augment: bool = False, seed: int = 0) -> FeatureStore:
+    """Patch features, per-patch label counts and resized masks of every image of a split, in memory.
+
+    With ``passes > 1`` (and ``augment``) the split is traversed several times, each image augmented
+    anew; rows are pass-major (pass ``p``, image ``i`` at ``p * I + i``).
+    """
+    dataset = _split_dataset(backbone, spec, root, split, image_size, passes, augment, seed, ids)
+    backbone = backbone.to(device).eval()
+    with tqdm(total=len(dataset), desc=f"extract {spec.name}/{split}", disable=not progress, file=sys.stdout,
+              mininterval=5, unit="img") as bar:
+        feats, counts, masks = _extract_items(backbone, dataset, range(len(dataset)), batch_size, device,
+                                              num_workers, on_batch=bar.update)
+    return FeatureStore(feats, counts, masks, _store_meta(spec, root, split, dataset, image_size, backbone))
+
+
+def extract_to_disk(backbone: PatchFeatureExtractor, spec: DatasetSpec, root: str | Path, split: str,
+                    image_size: int, out_dir: str | Path, *, batch_size: int = 32,
+                    device: str | torch.device = "cpu", num_workers: int = 0, passes: int = 1,
+                    augment: bool = False, seed: int = 0, shard_images: int = 2048, progress: bool = True,
+                    extra_meta: dict | None = None) -> Path:
+    """Like :func:`extract_split`, written to ``out_dir`` shard by shard and resumable.
+
+    Shards of ``shard_images`` images go to ``<out_dir>.partial/`` as they complete (each written
+    atomically); a rerun with the same settings skips the finished shards. When all are done they
+    are assembled into the store (memory-mapped, never all in RAM) and renamed to ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    dataset = _split_dataset(backbone, spec, root, split, image_size, passes, augment, seed)
+    backbone = backbone.to(device).eval()
+    meta = {**_store_meta(spec, root, split, dataset, image_size, backbone), **(extra_meta or {})}
+    shard_images = max(batch_size, shard_images // batch_size * batch_size)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    plan = {"meta": meta, "shard_images": shard_images, "total": len(dataset)}
+    plan_path = partial / "plan.json"
+    if partial.exists() and (not plan_path.is_file() or json.loads(plan_path.read_text()) != plan):
+        shutil.rmtree(partial)  # left by a run with other settings: not resumable
+    partial.mkdir(parents=True, exist_ok=True)
+    if not plan_path.is_file():
+        plan_path.write_text(json.dumps(plan))
+    shards = [range(s, min(s + shard_images, len(dataset))) for s in range(0, len(dataset), shard_images)]
+    done = [i for i in range(len(shards)) if (partial / f"shard-{i:05d}.npz").is_file()]
+    with tqdm(total=len(dataset), initial=sum(len(shards[i]) for i in done), desc=f"extract {spec.name}/{split}",
+              disable=not progress, file=sys.stdout, mininterval=5, unit="img") as bar:
+        for i, items in enumerate(shards):
+            path = partial / f"shard-{i:05d}.npz"
+            if path.is_file():
+                continue
+            feats, counts, masks = _extract_items(backbone, dataset, items, batch_size, device, num_workers,
+                                                  on_batch=bar.update)
+            tmp = partial / f".shard-{i:05d}.tmp-{os.getpid()}.npz"
+            np.savez(tmp, features=feats, label_counts=counts, masks=masks)
+            os.replace(tmp, path)
+    _assemble(partial, shards, out_dir, meta, backbone.embed_dim, spec.num_classes, image_size)
+    shutil.rmtree(partial)
+    return out_dir
+
+
+def _assemble(partial: Path, shards: list[range], out_dir: Path, meta: dict, dim: int, classes: int, size: int):
+    total = shards[-1].stop if shards else 0
+    n = total and np.load(partial / "shard-00000.npz")["features"].shape[1]
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        arrays = {
+            "features": np.lib.format.open_memmap(tmp / "features.npy", "w+", np.float16, (total, n, dim)),
+            "label_counts": np.lib.format.open_memmap(tmp / "label_counts.npy", "w+", np.uint16, (total, n, classes)),
+            "masks": np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, (total, size, size)),
+        }
+        for i, items in enumerate(shards):
+            with np.load(partial / f"shard-{i:05d}.npz") as shard:
+                for name, array in arrays.items():
+                    array[items.start:items.stop] = shard[name]
+        for array in arrays.values():
+            array.flush()
+        del arrays
+        (tmp / "meta.json").write_text(json.dumps({**meta, "provenance": provenance()}, indent=1))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def write_store(store: FeatureStore, out_dir: str | Path, extra_meta: dict | None = None) -> Path:

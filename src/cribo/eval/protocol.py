@@ -32,13 +32,25 @@ def fraction_subset(num_images: int, fraction: float, seed: int) -> np.ndarray:
 
 def run_incontext(train: FeatureStore, val: FeatureStore, *, fraction: float = 1.0, seed: int = 0,
                   k: int = 30, temperature: float = 0.02, memory_size: int | None = None,
-                  progress: bool = False) -> dict:
+                  train_ids: list[str] | None = None, progress: bool = False) -> dict:
     """In-context retrieval of ``val`` against a ``fraction`` of ``train``; returns metrics and settings."""
     if train.meta["embed_dim"] != val.meta["embed_dim"] or train.meta["patch_size"] != val.meta["patch_size"]:
         raise ValueError("train and val feature stores come from different backbones")
     if train.meta["num_classes"] != val.meta["num_classes"]:
         raise ValueError("train and val feature stores have different class counts")
-    subset = fraction_subset(train.features.shape[0], fraction, seed)
+    passes = int(train.meta.get("passes", 1))
+    num_images = int(train.meta.get("num_images", train.features.shape[0] // passes))
+    if train_ids is not None:  # a list file names the memory images
+        position = {image_id: i for i, image_id in enumerate(train.meta["ids"])}
+        missing = [i for i in train_ids if i not in position]
+        if missing:
+            raise ValueError(f"{len(missing)} ids of the training list are not in the {train.meta['split']} "
+                             f"feature store (e.g. {missing[:3]}); was it extracted from another split?")
+        images = np.sort(np.array([position[i] for i in train_ids], dtype=np.int64))
+    else:
+        images = fraction_subset(num_images, fraction, seed)
+    # every augmented pass of the chosen images (rows are pass-major)
+    subset = np.concatenate([p * num_images + images for p in range(passes)])
     metrics = evaluate_incontext(
         np.asarray(train.features[subset]), np.asarray(train.label_counts[subset]),
         np.asarray(val.features), np.asarray(val.masks), tuple(val.meta["grid"]), val.meta["num_classes"],
@@ -46,7 +58,8 @@ def run_incontext(train: FeatureStore, val: FeatureStore, *, fraction: float = 1
         ignore_index=val.meta["ignore_index"], progress=progress)
     settings = {"fraction": fraction, "seed": seed, "k": k, "temperature": temperature,
                 "memory_size": memory_size, "image_size": val.meta["image_size"],
-                "num_train_images": int(len(subset)), "train_split": train.meta["split"]}
+                "num_train_images": int(len(images)), "memory_passes": passes,
+                "memory_augmented": bool(train.meta.get("augment", False)), "train_split": train.meta["split"]}
     return {**metrics, **settings}
 
 

@@ -1,5 +1,5 @@
 # The single entry point of the pipeline:
-#   download -> pretrain -> extract -> eval_incontext -> table
+#   download -> pretrain -> extract -> eval_incontext -> table (+ training curves, figures)
 # Run `snakemake --cores all` (embedded default), or `--configfile config/<other>.yaml`.
 from snakemake.utils import min_version, validate
 
@@ -33,3 +33,4 @@ rule all:
     input:
         rules.table.output,
         rules.training_curves.output,
+        expand(f"results/{EXPERIMENT}/{{run_id}}/figures/{INCONTEXT_ID}", run_id=RUN_IDS.values()),

@@ -118,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     ic.add_argument("--run-name", default=None, help="run name recorded in the row")
     _add_common_eval(ic)
 
+    # ---- figures ----
+    fg = sub.add_parser("figures", help="PNG figures: in-context predictions and cross-image object matches")
+    fg.add_argument("--checkpoint", required=True, help="checkpoint whose features the stores hold")
+    fg.add_argument("--train-features", required=True, help="memory feature store (`cribo extract`)")
+    fg.add_argument("--val-features", required=True, help="query feature store (`cribo extract`)")
+    fg.add_argument("--out-dir", required=True, help="folder for incontext.png and objects.png")
+    fg.add_argument("--num-images", type=int, default=4, help="validation images shown (default 4)")
+    fg.add_argument("--memory-images", type=int, default=32, help="training images whose objects are matched (default 32)")
+    fg.add_argument("--k", type=int, default=30, help="neighbours of the in-context retrieval (default 30)")
+    fg.add_argument("--temperature", type=float, default=0.02, help="retrieval temperature (default 0.02)")
+    _add_common_eval(fg)
+
     # ---- table ----
     tb = sub.add_parser("table", help="build results tables (CSV + Markdown) from JSON rows")
     tb.add_argument("--rows", nargs="+", required=True, help="row files or folders searched recursively")
@@ -288,6 +300,55 @@ def cmd_eval(args) -> None:
     print(f"in-context mIoU {row['miou']:.2f} (Hungarian {row['miou_hungarian']:.2f}) -> {args.out}")
 
 
+def cmd_figures(args) -> None:
+    import numpy as np
+    import torch
+
+    from cribo.data.registry import get_spec
+    from cribo.data.segmentation import ResizePair, VOCLayoutSegmentation
+    from cribo.eval import figures
+    from cribo.eval.features import load_store
+    from cribo.models.backbones import ViTPatchFeatures
+
+    spec = get_spec(args.dataset, args.data_root)
+    train, val = load_store(args.train_features), load_store(args.val_features)
+    size = val.meta["image_size"]
+    out_dir = Path(args.out_dir)
+    shown = list(range(min(args.num_images, val.features.shape[0])))
+
+    def pictures(split, ids):
+        data = VOCLayoutSegmentation(args.data_root, split, ids=ids)
+        return [np.asarray(data[i][0].resize((size, size))) for i in range(len(ids))]
+
+    val_ids = [val.meta["ids"][i] for i in shown]
+    preds = figures.incontext_predictions(train, val, shown, k=args.k, temperature=args.temperature)
+    path = figures.incontext_figure(pictures(val.meta["split"], val_ids), np.asarray(val.masks)[shown], preds,
+                                    spec.num_classes, spec.ignore_index, out_dir / "incontext.png",
+                                    title=f"in-context retrieval, k={args.k}, memory: {train.meta['split']}")
+    print(f"wrote {path}")
+    backbone, ckpt, device, _ = _load_eval_backbone(args)
+    if not isinstance(backbone, ViTPatchFeatures):
+        print("objects.png skipped: the checkpoint has no network (pixel baseline)")
+        return
+    cribo_cfg = (ckpt.get("config") or {}).get("cribo", {})
+    k_obj, alpha = cribo_cfg.get("num_clusters", 8), cribo_cfg.get("pos_alpha", 1.0)
+    resize = ResizePair(size)
+
+    def objects(split, ids):
+        data = VOCLayoutSegmentation(args.data_root, split, ids=ids, transform=resize)
+        batch = torch.stack([data[i][0] for i in range(len(ids))]).to(device)
+        return figures.image_objects(backbone.eval(), batch, k_obj, alpha)
+
+    memory_ids = train.meta["ids"][: args.memory_images]
+    q_maps, q_vecs, q_ids = objects(val.meta["split"], val_ids)
+    m_maps, m_vecs, m_ids = objects(train.meta["split"], memory_ids)
+    matches = [figures.nearest_objects(v, m_vecs) for v in q_vecs]
+    path = figures.object_matches_figure(pictures(val.meta["split"], val_ids), q_maps.cpu(), q_ids, matches,
+                                         pictures(train.meta["split"], memory_ids), m_maps.cpu(), m_ids,
+                                         out_dir / "objects.png")
+    print(f"wrote {path}")
+
+
 def cmd_curves(args) -> None:
     from cribo.results.curves import write_curves
 
@@ -308,7 +369,7 @@ def cmd_table(args) -> None:
 
 
 COMMANDS = {"data": cmd_data, "config": cmd_config, "train": cmd_train, "export": cmd_export, "extract": cmd_extract,
-            "eval": cmd_eval, "table": cmd_table, "curves": cmd_curves}
+            "eval": cmd_eval, "table": cmd_table, "curves": cmd_curves, "figures": cmd_figures}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,3 +27,21 @@ rule eval_incontext:
         "--fraction {wildcards.fraction} --seed {wildcards.seed} "
         "--experiment {wildcards.experiment} --run-name {params.name} "
         "--out {output} --no-progress > {log} 2>&1"
+
+
+rule figures:
+    # in-context predictions beside the ground truth, and cross-image object matches (PNGs)
+    input:
+        summary=f"{RUN_DIR}/pretrain/summary.json",
+        train=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.train_split}-{MEMORY_PASSES}",
+        val=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.val_split}-{QUERY_PASSES}",
+    output:
+        directory(f"{RUN_DIR}/figures/{INCONTEXT_ID}"),
+    log:
+        f"logs/{{experiment}}/{{run_id}}/figures-{INCONTEXT_ID}.log",
+    params:
+        ckpt=lambda wc, input: os.path.join(os.path.dirname(input.summary), "checkpoint.pth"),
+    shell:
+        "cribo figures --checkpoint {params.ckpt} --dataset {DATASET} --data-root {DATA_ROOT} "
+        "--train-features {input.train} --val-features {input.val} --k {INCONTEXT[k]} "
+        "--temperature {INCONTEXT[temperature]} --out-dir {output} > {log} 2>&1"

@@ -1,7 +1,7 @@
 """Exact dense NN retrieval (``retrieve_soft_labels``) against the machine's float32 matmul rate.
 
 1. matmul: ``torch.mm`` of a ``rows x dim`` by a ``dim x cols`` float32 matrix, median of --repeats.
-2. search: ``retrieve_soft_labels`` (faiss IndexFlatIP exact search, top-k, softmax, label gather)
+2. search: ``retrieve_soft_labels`` (exact search over the float16 memory in float32 slices, top-k, softmax, label gather)
    of --queries random queries against a random --memory x --dim memory with --classes soft labels,
    timed in total (index build included) and for the query loop alone.
 Search FLOPs are counted as 2 * Q * M * D (the similarity matmul only); the ratio search/matmul
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--classes", type=int, default=21)
     parser.add_argument("--k", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=16384)
     parser.add_argument("--mm-rows", type=int, default=4096)
     parser.add_argument("--mm-cols", type=int, default=50_000)
     parser.add_argument("--repeats", type=int, default=5)

@@ -96,7 +96,7 @@ def test_rare_patch_wins_whenever_the_noise_ratio_allows_it():
             noise = FixedNoise([common_noise, common_noise, 1.0 - 1e-9, rare_noise])
             mem, labels = select_memory(feats, counts, memory_size=1, rng=noise)
             assert mem.shape == (1, 4) and int(np.argmax(mem[0])) == 3
-            assert labels.tolist() == [[0.0, 1.0]]
+            assert labels.tolist() == [[0, 4]]  # the kept patch's pixel counts
     # and with a real generator, for every seed the kept patch is the hand-scored argmin
     for seed in range(50):
         noise = RecordingNoise(seed)
@@ -126,10 +126,10 @@ def test_select_memory_unbounded_keeps_every_labelled_patch_with_normalised_feat
     counts[0, 3] = [1, 3]
     feats = np.array([[[1.0, 0, 0], [3.0, 4.0, 0], [0, 0, 2.0], [1.0, 1.0, 1.0]]], np.float32)
     mem, labels = select_memory(feats, counts, memory_size=None, rng=np.random.default_rng(0))
-    assert mem.dtype == np.float16 and labels.dtype == np.float32
+    assert mem.dtype == np.float16 and labels.dtype == np.uint16  # counts: normalised when gathered
     s = 1 / math.sqrt(3)
     assert mem.astype(np.float32) == pytest.approx(np.array([[0.6, 0.8, 0], [0, 0, 1], [s, s, s]]), abs=1e-3)
-    assert labels.tolist() == [[1, 0], [1, 0], [0.25, 0.75]]
+    assert labels.tolist() == [[4, 0], [4, 0], [1, 3]]
 
 
 def test_select_memory_budget_per_image_and_cap():
@@ -336,5 +336,5 @@ def test_select_memory_keeps_image_order_across_chunks():
     for memory_size in (None, 2 * images):
         mem, labels = select_memory(feats, counts, memory_size, rng=np.random.default_rng(0))
         assert mem.shape == (images, dim)
-        assert labels.tolist() == np.eye(classes)[np.arange(images) % classes].tolist()
+        assert labels.tolist() == (4 * np.eye(classes, dtype=int))[np.arange(images) % classes].tolist()
         assert mem.astype(np.float32).tolist() == np.eye(dim)[np.arange(images) % dim].tolist()

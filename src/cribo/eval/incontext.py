@@ -28,13 +28,13 @@ from __future__ import annotations
 import logging
 import sys
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from cribo.eval.metrics import ConfusionMeter
+from cribo.eval.search import make_searcher
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,8 @@ def select_memory(features, label_counts, memory_size: int | None,
 
     Returns:
         ``M x D`` float16 L2-normalised features (normalised in float32, epsilon 1e-6) and
-        ``M x C`` float32 soft labels (counts / counts.sum), entries ordered by image then patch.
+        ``M x C`` uint16 pixel counts (the soft label is counts / counts.sum, formed when gathered:
+        half the bytes of float32 labels, exact), entries ordered by image then patch.
     """
     num_images, num_patches, dim = features.shape
     if label_counts.shape[:2] != (num_images, num_patches):
@@ -172,39 +173,39 @@ def select_memory(features, label_counts, memory_size: int | None,
             keep[s:s + len(counts)] = chosen & labelled
     num_entries = int(keep.sum())
     mem_feats = np.empty((num_entries, dim), dtype=np.float16)
-    mem_labels = np.empty((num_entries, num_classes), dtype=np.float32)
+    mem_labels = np.empty((num_entries, num_classes), dtype=np.uint16)
     row = 0
     for s in range(0, num_images, _CHUNK_IMAGES):
         sel = keep[s:s + _CHUNK_IMAGES]
         n = int(sel.sum())
         feats = np.asarray(features[s:s + _CHUNK_IMAGES])[sel].astype(np.float32)
         mem_feats[row:row + n] = _normalise_rows(feats)
-        counts = np.asarray(label_counts[s:s + _CHUNK_IMAGES])[sel].astype(np.float32)
-        mem_labels[row:row + n] = counts / counts.sum(axis=1, keepdims=True)
+        mem_labels[row:row + n] = np.asarray(label_counts[s:s + _CHUNK_IMAGES])[sel]
         row += n
     return mem_feats, mem_labels
 
 
-def build_index(memory_features: np.ndarray) -> faiss.IndexFlatIP:
-    """Exact inner-product faiss index over a float32, re-normalised copy of ``M x D`` features."""
-    keys = _normalise_rows(np.array(memory_features, dtype=np.float32, order="C", copy=True))
-    index = faiss.IndexFlatIP(keys.shape[1])
-    index.add(keys)
-    return index
+def build_index(memory_features: np.ndarray, kind: str = "exact", device: str = "cpu", **options):
+    """Searcher over ``M x D`` L2-normalised features, kept in float16 (:mod:`cribo.eval.search`).
+
+    ``kind``: ``exact`` (inner product over float32 slices of the float16 memory) or ``ivfpq``
+    (approximate, for memories larger than RAM).
+    """
+    return make_searcher(np.asarray(memory_features, dtype=np.float16), kind, device=device, **options)
 
 
 def retrieve_soft_labels(queries, memory_features, memory_labels, k: int = 30, temperature: float = 0.02,
-                         batch_size: int = 4096) -> np.ndarray:
+                         batch_size: int = 16384) -> np.ndarray:
     """Label propagation from the k nearest memory entries.
 
     For each query q (L2-normalised): neighbours i = 1..k by exact inner product (cosine) with the
-    normalised memory (``faiss.IndexFlatIP`` over a float32 copy), weights
+    normalised memory (float16, searched in re-normalised float32 slices), weights
     ``softmax(cos(q, m_i) / temperature)`` (max-subtracted, float32), output ``sum_i w_i * label_i``.
 
     Args:
         queries: ``Q x D``.
         memory_features: ``M x D`` (normalised by ``select_memory``; re-normalised here anyway).
-        memory_labels: ``M x C`` soft labels.
+        memory_labels: ``M x C`` soft labels or pixel counts (each gathered row is divided by its sum).
         k: neighbours per query, ``1 <= k <= M`` (ValueError otherwise).
         temperature: softmax temperature (> 0).
         batch_size: queries searched at a time (bounds the ``batch x k x C`` gather).
@@ -229,13 +230,13 @@ def _check_retrieval(memory_shape: tuple[int, int], memory_labels, k: int, tempe
         raise ValueError(f"{memory_labels.shape[0]} memory labels for {num_memory} memory features")
 
 
-def _propagate(queries, index: faiss.Index, memory_labels, k: int, temperature: float,
-               batch_size: int = 4096) -> np.ndarray:
+def _propagate(queries, index, memory_labels, k: int, temperature: float,
+               batch_size: int = 16384) -> np.ndarray:
     """``retrieve_soft_labels`` against a prebuilt ``build_index`` (reused across val chunks)."""
     queries = _as_numpy(queries)
     if queries.ndim != 2 or queries.shape[1] != index.d:
         raise ValueError(f"queries must be Q x {index.d}, got shape {queries.shape}")
-    memory_labels = np.asarray(memory_labels, dtype=np.float32)
+    memory_labels = np.asarray(memory_labels)
     out = np.empty((queries.shape[0], memory_labels.shape[1]), dtype=np.float32)
     for start in range(0, queries.shape[0], batch_size):
         q = _normalise_rows(np.array(queries[start:start + batch_size], dtype=np.float32, order="C", copy=True))
@@ -244,7 +245,9 @@ def _propagate(queries, index: faiss.Index, memory_labels, k: int, temperature: 
         logits -= logits.max(axis=1, keepdims=True)
         weights = np.exp(logits)
         weights /= weights.sum(axis=1, keepdims=True)
-        neighbours = torch.from_numpy(memory_labels[idx])  # Q x k x C
+        neighbours = memory_labels[idx].astype(np.float32)  # Q x k x C: counts, or soft labels
+        neighbours /= np.maximum(neighbours.sum(axis=2, keepdims=True), np.float32(1e-12))
+        neighbours = torch.from_numpy(neighbours)
         out[start:start + len(q)] = torch.bmm(torch.from_numpy(weights)[:, None, :], neighbours)[:, 0].numpy()
     return out
 

@@ -24,7 +24,8 @@ import torch
 class ExactFP16Search:
     """Exact inner-product search over an ``M x D`` float16 memory, slice by slice."""
 
-    def __init__(self, memory: np.ndarray, slice_rows: int = 1 << 20, device: str | torch.device = "cpu"):
+    def __init__(self, memory: np.ndarray, slice_rows: int = 1 << 20, device: str | torch.device = "cpu",
+                 normalise: bool = True):
         if memory.ndim != 2:
             raise ValueError(f"memory must be M x D, got shape {memory.shape}")
         self.memory = memory if memory.dtype == np.float16 else memory.astype(np.float16)
@@ -32,18 +33,28 @@ class ExactFP16Search:
         self.ntotal = memory.shape[0]
         self.slice_rows = slice_rows
         self.device = torch.device(device)
+        # float16 rounding leaves norms at 1 +- 5e-4: re-normalised slices give exact cosines
+        self.normalise = normalise
+        # a memory of one slice is converted once and kept (its float32 copy is at most one slice)
+        self._cached = self._slice(0) if self.ntotal <= slice_rows else None
+
+    def _slice(self, start: int) -> np.ndarray:
+        block = np.array(self.memory[start:start + self.slice_rows], dtype=np.float32, order="C")
+        if self.normalise:
+            norms = np.sqrt(np.einsum("ij,ij->i", block, block))  # no rows x D temporary
+            block /= np.maximum(norms, np.float32(1e-6))[:, None]
+        return block
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         best_sims = best_idx = None
         for start in range(0, self.ntotal, self.slice_rows):
-            block = self.memory[start:start + self.slice_rows]
+            block = self._cached if self._cached is not None else self._slice(start)
             kk = min(k, block.shape[0])
             if self.device.type == "cuda":
                 sims, idx = self._search_torch(queries, block, kk)
             else:
-                sims, idx = faiss.knn(queries, np.ascontiguousarray(block, dtype=np.float32), kk,
-                                      metric=faiss.METRIC_INNER_PRODUCT)
+                sims, idx = faiss.knn(queries, block, kk, metric=faiss.METRIC_INNER_PRODUCT)
             idx = idx + start
             if best_sims is None:
                 best_sims, best_idx = sims, idx
@@ -53,7 +64,7 @@ class ExactFP16Search:
 
     def _search_torch(self, queries: np.ndarray, block: np.ndarray, k: int):
         q = torch.from_numpy(queries).to(self.device)
-        b = torch.from_numpy(np.asarray(block)).to(self.device, torch.float32)
+        b = torch.from_numpy(block).to(self.device)
         sims, idx = (q @ b.T).topk(k, dim=1)
         return sims.cpu().numpy(), idx.cpu().numpy().astype(np.int64)
 

@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="memory entries (patches) kept, split evenly over images by rarity; default: all")
     ic.add_argument("--fraction", type=float, default=1.0, help="fraction of training images in memory (default 1)")
     ic.add_argument("--seed", type=int, default=0, help="seed of the fraction subset and memory sampling")
+    ic.add_argument("--index", default="exact", choices=["exact", "ivfpq"],
+                    help="exact search (default; on the GPU when there is one) or approximate IVF-PQ for huge memories")
     ic.add_argument("--train-list", default=None,
                     help="file of memory image ids (one per line) instead of a seeded random --fraction")
     ic.add_argument("--list-dir", default=None,
@@ -287,7 +289,7 @@ def cmd_eval(args) -> None:
     list_file = args.train_list or (find_list_file(args.list_dir, args.fraction, args.seed) if args.list_dir else None)
     result = run_incontext(train_store, val_store, fraction=args.fraction, seed=args.seed, k=args.k,
                            temperature=args.temperature, memory_size=args.memory_size,
-                           train_ids=read_id_list(list_file) if list_file else None,
+                           train_ids=read_id_list(list_file) if list_file else None, index_kind=args.index,
                            progress=not args.no_progress)
     if list_file:
         result["train_list"] = str(list_file)

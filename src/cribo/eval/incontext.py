@@ -282,7 +282,7 @@ def predict_label_maps(soft_labels, out_size: tuple[int, int], max_elements: int
 def evaluate_incontext(train_features, train_label_counts, val_features, val_masks, grid: tuple[int, int],
                        num_classes: int, *, k: int = 30, temperature: float = 0.02, memory_size: int | None = None,
                        seed: int = 0, ignore_index: int = 255, batch_images: int = 64,
-                       progress: bool = False) -> dict:
+                       index_kind: str = "exact", progress: bool = False) -> dict:
     """Dense NN retrieval mIoU of a validation set against a labelled memory.
 
     Args:
@@ -293,6 +293,8 @@ def evaluate_incontext(train_features, train_label_counts, val_features, val_mas
         k, temperature: retrieval (``retrieve_soft_labels``).
         memory_size, seed: memory budget and the seed of the rarity noise (``select_memory``).
         batch_images: validation images per chunk (retrieval, upsampling, confusion update).
+        index_kind: ``exact`` or ``ivfpq`` (approximate; see :mod:`cribo.eval.search`). The exact
+            search runs on the GPU when torch sees one.
         progress: tqdm bar over the chunks.
 
     Returns:
@@ -315,7 +317,7 @@ def evaluate_incontext(train_features, train_label_counts, val_features, val_mas
     budget = None if memory_size is None else min(memory_size // num_train, num_patches)
     num_entries = mem_feats.shape[0]
     _check_retrieval(mem_feats.shape, mem_labels, k, temperature)
-    index = build_index(mem_feats)
+    index = build_index(mem_feats, index_kind, device="cuda" if torch.cuda.is_available() else "cpu")
     del mem_feats  # the index holds the float32 copy
     meter = ConfusionMeter(num_classes, ignore_index)
     for start in tqdm(range(0, val_features.shape[0], batch_images), desc="in-context retrieval",

@@ -32,7 +32,7 @@ def fraction_subset(num_images: int, fraction: float, seed: int) -> np.ndarray:
 
 def run_incontext(train: FeatureStore, val: FeatureStore, *, fraction: float = 1.0, seed: int = 0,
                   k: int = 30, temperature: float = 0.02, memory_size: int | None = None,
-                  train_ids: list[str] | None = None, progress: bool = False) -> dict:
+                  train_ids: list[str] | None = None, index_kind: str = "exact", progress: bool = False) -> dict:
     """In-context retrieval of ``val`` against a ``fraction`` of ``train``; returns metrics and settings."""
     if train.meta["embed_dim"] != val.meta["embed_dim"] or train.meta["patch_size"] != val.meta["patch_size"]:
         raise ValueError("train and val feature stores come from different backbones")
@@ -55,8 +55,8 @@ def run_incontext(train: FeatureStore, val: FeatureStore, *, fraction: float = 1
         np.asarray(train.features[subset]), np.asarray(train.label_counts[subset]),
         np.asarray(val.features), np.asarray(val.masks), tuple(val.meta["grid"]), val.meta["num_classes"],
         k=k, temperature=temperature, memory_size=memory_size, seed=seed,
-        ignore_index=val.meta["ignore_index"], progress=progress)
-    settings = {"fraction": fraction, "seed": seed, "k": k, "temperature": temperature,
+        ignore_index=val.meta["ignore_index"], index_kind=index_kind, progress=progress)
+    settings = {"fraction": fraction, "seed": seed, "k": k, "temperature": temperature, "index": index_kind,
                 "memory_size": memory_size, "image_size": val.meta["image_size"],
                 "num_train_images": int(len(images)), "memory_passes": passes,
                 "memory_augmented": bool(train.meta.get("augment", False)), "train_split": train.meta["split"]}

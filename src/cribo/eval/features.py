@@ -276,28 +276,6 @@ def _assemble(partial: Path, shards: list[range], out_dir: Path, meta: dict, dim
             shutil.rmtree(tmp)
 
 
-def write_store(store: FeatureStore, out_dir: str | Path, extra_meta: dict | None = None) -> Path:
-    """Write a store atomically: into ``<out_dir>.tmp-<pid>``, then rename over ``out_dir``."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        np.save(tmp / "features.npy", store.features)
-        np.save(tmp / "label_counts.npy", store.label_counts)
-        np.save(tmp / "masks.npy", store.masks)
-        meta = {**store.meta, **(extra_meta or {}), "provenance": provenance()}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out_dir
-
-
 def load_store(path: str | Path) -> FeatureStore:
     path = Path(path)
     meta_path = path / "meta.json"

@@ -53,6 +53,8 @@ def _check_two_rank_run(out, outputs):
     for entry in log:
         a, b = entry["bank_checksums"]
         assert a == b  # the replicated memory banks are identical on both ranks
+        t0, t1 = entry["teacher_checksums"]
+        assert t0 == t1  # and so are the teachers (same initial weights, EMA of the synchronised student)
         assert all(entry[k] == entry[k] and abs(entry[k]) < 1e6 for k in ("loss", "global", "cross_view", "cross_image"))
     ckpt = load_checkpoint(out / "checkpoint.pth")
     assert ckpt["world_size"] == 2 and len(ckpt["rng_states"]) == 2

@@ -314,8 +314,14 @@ def train_self_distillation(cfg: dict, output_dir: Path, dist_info: DistInfo) ->
                         object_out_dim=object_dim)
         return (MultiCropWrapper if method == "dino" else ObjectNet)(backbone, head).to(device)
 
+    # the same initial weights on every rank (the teacher is copied before DDP would sync the
+    # student), then the other ranks switch to their own streams for drop path; rank 0 simply
+    # continues its stream, so a single-process run draws exactly what it always drew
+    torch.manual_seed(cfg["seed"])
     student = make(model_cfg["drop_path_rate"])
     teacher = make(0.0)
+    if dist_info.rank > 0:
+        seed_everything(cfg["seed"] + dist_info.rank)
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
@@ -457,8 +463,8 @@ def train_self_distillation(cfg: dict, output_dir: Path, dist_info: DistInfo) ->
             stats = train_one_epoch(step, student, teacher, loader, optimizer, scaler, lr_schedule, wd_schedule,
                                     momentum_schedule, epoch, cfg, show, logger, start_step if epoch == start_epoch else 0,
                                     after_step)
-            if bank is not None and dist_info.world_size > 1:
-                stats["bank_checksums"] = check_banks_identical(bank)
+            if dist_info.world_size > 1:
+                stats.update(check_replicas(teacher, bank))
             save(epoch + 1, 0)
             logger.log_epoch({"epoch": epoch, **stats})
     finally:
@@ -473,13 +479,22 @@ def _test_signal_hook(global_step: int) -> None:
         os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("CRIBO_TEST_SIGNAL", "KILL")))
 
 
-def check_banks_identical(bank: ObjectMemoryBank) -> list[float]:
-    """Checksums of the memory bank on every rank; raises if they differ (the banks must be replicas)."""
-    local = float(bank.entries.double().sum().item()) + float(bank.counts.sum().item()) + bank.head
-    sums = all_gather_objects(local)
-    if any(s != sums[0] for s in sums):
-        raise RuntimeError(f"the memory banks differ across ranks (checksums {sums}); this is a bug, please report it")
-    return sums
+def check_replicas(teacher: nn.Module, bank: ObjectMemoryBank | None) -> dict[str, list[float]]:
+    """Checksums of the teacher and the memory bank on every rank; raises if they differ.
+
+    Both must be replicas: the teacher follows the (DDP-synchronised) student, the bank receives
+    the same all-gathered objects everywhere. A difference would be silent otherwise.
+    """
+    with torch.no_grad():
+        local = {"teacher_checksums": float(sum(p.double().sum().item() for p in teacher.parameters()))}
+        if bank is not None:
+            local["bank_checksums"] = float(bank.entries.double().sum().item()) + float(bank.counts.sum()) + bank.head
+    gathered = all_gather_objects(local)
+    out = {key: [g[key] for g in gathered] for key in local}
+    for key, values in out.items():
+        if any(v != values[0] for v in values):
+            raise RuntimeError(f"{key.split('_')[0]} differs across ranks ({values}); this is a bug, please report it")
+    return out
 
 
 def train_one_epoch(step, student, teacher, loader, optimizer, scaler, lr_schedule, wd_schedule, momentum_schedule,

@@ -123,7 +123,8 @@ def train(cfg: dict, output_dir: str | Path) -> Path:
     output_dir = Path(output_dir)
     dist_info = init_distributed(cfg["train"]["device"])
     if cfg["train"]["threads"]:
-        torch.set_num_threads(cfg["train"]["threads"])
+        # train.threads is the job's budget: torchrun's processes on this node share it
+        torch.set_num_threads(max(1, cfg["train"]["threads"] // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     # Each rank draws its own augmentations and dropout (the official code seeds all ranks alike).
     seed_everything(cfg["seed"] + dist_info.rank)
     if dist_info.is_main:

@@ -57,3 +57,25 @@ def test_no_rows_and_bad_json_are_clear_errors(tmp_path):
 def test_markdown_renders_every_cell():
     table = pd.DataFrame({"a": ["x"], "b": [1.5]})
     assert to_markdown(table) == "| a | b |\n|---|---|\n| x | 1.50 |\n"
+
+
+def test_overcluster_table_one_line_per_k_and_metrics(tmp_path):
+    from cribo.results.tables import build_overcluster_table
+
+    def oc(run, k, miou, std):
+        return {"protocol": "overcluster", "experiment": "toy", "run_name": run, "run_id": "0" * 8, "method": run,
+                "arch": "vit_tiny", "dataset": "toyscenes", "clusters": k, "seed": None,
+                "matching": "hungarian" if k == 9 else "many-to-one", "miou": miou, "miou_std": std,
+                "seeds": [0, 1, 2]}
+
+    table = build_overcluster_table([oc("cribo", 300, 40.123, 1.0), oc("cribo", 9, 12.0, 0.5), _row("dino", 50.0, 0)])
+    assert table.clusters.tolist() == [9, 300] and table.seeds.tolist() == [3, 3] and table.miou.tolist() == [12.0, 40.12]
+    assert build_overcluster_table([_row("dino", 50.0, 0)]).empty
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    for i, r in enumerate([_row("dino", 50.0, 0), oc("dino", 300, 33.0, 0.0)]):
+        (rows / f"{i}.json").write_text(json.dumps(r))
+    write_tables([rows], tmp_path / "out")
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["overcluster_miou"]["toy"]["dino"]["toyscenes_k300"] == 33.0
+    assert "| dino |" in (tmp_path / "out" / "overcluster.md").read_text()

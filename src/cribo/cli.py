@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 EXIT_USAGE = 2
 
 
@@ -119,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     ic.add_argument("--experiment", default=None, help="experiment name recorded in the row")
     ic.add_argument("--run-name", default=None, help="run name recorded in the row")
     _add_common_eval(ic)
+
+    oc = ev_sub.add_parser("overcluster", help="k-means overclustering of frozen validation features (Leopart protocol)")
+    oc.add_argument("--checkpoint", required=True, help="checkpoint whose features the store holds")
+    oc.add_argument("--val-features", required=True, help="feature store of the validation split (`cribo extract`)")
+    oc.add_argument("--clusters", required=True,
+                    help="K: an integer >= the number of classes, or 'classes' (K = number of classes, Hungarian)")
+    oc.add_argument("--seeds", type=int, default=5, help="k-means seeds 0..S-1, results averaged (default 5)")
+    oc.add_argument("--pca-dim", type=int, default=50, help="PCA dimensions after standardisation (default 50)")
+    oc.add_argument("--iterations", type=int, default=100, help="k-means iterations (default 100)")
+    oc.add_argument("--restarts", type=int, default=5, help="k-means restarts, best objective kept (default 5)")
+    oc.add_argument("--out", required=True, help="output JSON row")
+    oc.add_argument("--experiment", default=None, help="experiment name recorded in the row")
+    oc.add_argument("--run-name", default=None, help="run name recorded in the row")
 
     # ---- figures ----
     fg = sub.add_parser("figures", help="PNG figures: in-context predictions and cross-image object matches")
@@ -264,7 +279,37 @@ def cmd_extract(args) -> None:
     print(f"features {load_store(args.out).features.shape} written to {args.out}")
 
 
+def cmd_overcluster(args) -> None:
+    from cribo.eval.features import load_store
+    from cribo.eval.overclustering import overcluster
+    from cribo.eval.protocol import make_row, write_row
+    from cribo.train.checkpoint import file_sha256, load_checkpoint
+
+    started = time.time()
+    val = load_store(args.val_features)
+    num_classes = val.meta["num_classes"]
+    if args.clusters == "classes":
+        clusters = num_classes
+    elif args.clusters.isdigit() and int(args.clusters) >= num_classes:
+        clusters = int(args.clusters)
+    else:
+        raise ValueError(f"--clusters {args.clusters!r}: give 'classes' or an integer >= the {num_classes} classes")
+    result = overcluster(np.asarray(val.features), np.asarray(val.masks), tuple(val.meta["grid"]), num_classes,
+                         clusters, seeds=tuple(range(args.seeds)), pca_dim=args.pca_dim, iterations=args.iterations,
+                         restarts=args.restarts, ignore_index=val.meta["ignore_index"])
+    ckpt = load_checkpoint(args.checkpoint)
+    row = make_row("overcluster", {**result, "image_size": val.meta["image_size"], "seed": None},
+                   checkpoint=args.checkpoint, checkpoint_sha256=file_sha256(args.checkpoint),
+                   checkpoint_cfg=ckpt.get("config"), dataset=val.meta["dataset"], split=val.meta["split"],
+                   class_names=val.meta.get("class_names") or [], experiment=args.experiment,
+                   run_name=args.run_name, started=started)
+    write_row(row, args.out)
+    print(f"overclustering K={clusters}: mIoU {row['miou']:.2f} +- {row['miou_std']:.2f} -> {args.out}")
+
+
 def cmd_eval(args) -> None:
+    if args.protocol == "overcluster":
+        return cmd_overcluster(args)
     from cribo.data.registry import get_spec
     from cribo.eval.features import extract_split, load_store
     from cribo.eval.protocol import make_row, run_incontext, write_row

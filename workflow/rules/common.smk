@@ -20,6 +20,8 @@ INCONTEXT = EVAL["incontext"]
 # (a DVC experiment's temporary copy has no Snakemake metadata to notice the change otherwise).
 FEATURES_ID = f"{DATASET}-{short_hash(DATA_ROOT, 6)}-{EVAL['image_size']}px"
 INCONTEXT_ID = f"{FEATURES_ID}-{short_hash({k: INCONTEXT[k] for k in ('k', 'temperature', 'memory_size', 'memory_passes', 'memory_augment')}, 6)}"
+OVERCLUSTER = EVAL["overcluster"]
+OVERCLUSTER_ID = f"{FEATURES_ID}-{short_hash({k: OVERCLUSTER[k] for k in ('seeds', 'pca_dim', 'iterations', 'restarts')}, 6)}"
 RUN_DIR = "results/{experiment}/{run_id}"
 # feature folders: the queries in one plain pass, the memory as the protocol asks
 QUERY_PASSES = "x1"
@@ -33,6 +35,7 @@ wildcard_constraints:
     fraction="[0-9.]+",
     seed="[0-9]+",
     passes="x[0-9]+a?",
+    clusters="classes|[0-9]+",
 
 
 def incontext_rows():
@@ -44,3 +47,9 @@ def incontext_rows():
             for seed in INCONTEXT["seeds"][:1] if deterministic else INCONTEXT["seeds"]:
                 rows.append(f"results/{EXPERIMENT}/{rid}/eval/incontext/{INCONTEXT_ID}/f{fraction}-s{seed}.json")
     return rows
+
+
+def overcluster_rows():
+    """Every (run, K) row of the overclustering table."""
+    return [f"results/{EXPERIMENT}/{rid}/eval/overcluster/{OVERCLUSTER_ID}/k{k}.json"
+            for rid in RUN_IDS.values() for k in OVERCLUSTER["clusters"]]

@@ -45,3 +45,25 @@ rule figures:
         "cribo figures --checkpoint {params.ckpt} --dataset {DATASET} --data-root {DATA_ROOT} "
         "--train-features {input.train} --val-features {input.val} --k {INCONTEXT[k]} "
         "--temperature {INCONTEXT[temperature]} --out-dir {output} > {log} 2>&1"
+
+
+rule eval_overcluster:
+    # k-means of the standardised, PCA-reduced validation features; clusters matched to classes
+    input:
+        summary=f"{RUN_DIR}/pretrain/summary.json",
+        val=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.val_split}-{QUERY_PASSES}",
+    output:
+        f"{RUN_DIR}/eval/overcluster/{OVERCLUSTER_ID}/k{{clusters}}.json",
+    log:
+        f"logs/{{experiment}}/{{run_id}}/overcluster-{OVERCLUSTER_ID}-k{{clusters}}.log",
+    benchmark:
+        f"logs/benchmarks/{{experiment}}/{{run_id}}/overcluster-{OVERCLUSTER_ID}-k{{clusters}}.tsv"
+    threads: workflow.cores
+    params:
+        ckpt=lambda wc, input: os.path.join(os.path.dirname(input.summary), "checkpoint.pth"),
+        name=lambda wc: RUN_NAME[wc.run_id],
+    shell:
+        "cribo eval overcluster --checkpoint {params.ckpt} --val-features {input.val} "
+        "--clusters {wildcards.clusters} --seeds {OVERCLUSTER[seeds]} --pca-dim {OVERCLUSTER[pca_dim]} "
+        "--iterations {OVERCLUSTER[iterations]} --restarts {OVERCLUSTER[restarts]} "
+        "--experiment {wildcards.experiment} --run-name {params.name} --out {output} > {log} 2>&1"

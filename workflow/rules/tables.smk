@@ -4,9 +4,12 @@
 rule table:
     input:
         incontext_rows(),
+        overcluster_rows(),
     output:
         csv="results/tables/incontext.csv",
         md="results/tables/incontext.md",
+        oc_csv="results/tables/overcluster.csv",
+        oc_md="results/tables/overcluster.md",
         metrics="results/tables/metrics.json",
     log:
         "logs/tables/table.log",

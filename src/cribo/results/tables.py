@@ -3,7 +3,8 @@
 ``build_incontext_table`` groups the in-context rows by experiment, run, method, arch, dataset and
 training fraction, and reports the mean mIoU over evaluation seeds with its standard deviation
 and the number of seeds. The same frame is written as CSV (for programs) and Markdown (for
-people), plus a flat ``metrics.json`` that DVC compares across experiments.
+people), plus a flat ``metrics.json`` that DVC compares across experiments. Overclustering rows
+(``build_overcluster_table``) become ``overcluster.{csv,md}``, one line per (run, K).
 """
 
 from __future__ import annotations
@@ -62,6 +63,25 @@ def build_incontext_table(rows: list[dict]) -> pd.DataFrame:
     return table.round({"miou": 2, "miou_std": 2, "miou_hungarian": 2})
 
 
+OVERCLUSTER_COLUMNS = ["experiment", "run_name", "run_id", "method", "arch", "dataset", "clusters", "matching"]
+
+
+def build_overcluster_table(rows: list[dict]) -> pd.DataFrame:
+    """One line per (experiment, run, dataset, K): mIoU mean and std over k-means seeds (held in each row)."""
+    rows = [r for r in rows if r.get("protocol") == "overcluster"]
+    columns = OVERCLUSTER_COLUMNS + ["miou", "miou_std", "seeds"]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    frame = pd.DataFrame(rows)
+    for col in OVERCLUSTER_COLUMNS:
+        if col not in frame:
+            frame[col] = None
+    frame[OVERCLUSTER_COLUMNS] = frame[OVERCLUSTER_COLUMNS].fillna("-")
+    frame["seeds"] = frame["seeds"].map(len)
+    table = frame[columns].sort_values(OVERCLUSTER_COLUMNS[:2] + ["dataset", "clusters"]).reset_index(drop=True)
+    return table.round({"miou": 2, "miou_std": 2})
+
+
 def to_markdown(table: pd.DataFrame) -> str:
     table = table.copy()
     if "fraction" in table:  # 0.125 must not print as 0.12
@@ -82,7 +102,11 @@ def _fmt(value) -> str:
 
 def write_tables(row_paths: list[str | Path], out_dir: str | Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
-    table = build_incontext_table(read_rows(row_paths))
+    rows = read_rows(row_paths)
+    table = build_incontext_table(rows)
+    overclusters = build_overcluster_table(rows)
+    atomic_write_text(out_dir / "overcluster.csv", overclusters.to_csv(index=False))
+    atomic_write_text(out_dir / "overcluster.md", to_markdown(overclusters))
     csv_path, md_path, metrics_path = (out_dir / "incontext.csv", out_dir / "incontext.md",
                                        out_dir / "metrics.json")
     atomic_write_text(csv_path, table.to_csv(index=False))
@@ -91,5 +115,9 @@ def write_tables(row_paths: list[str | Path], out_dir: str | Path) -> dict[str, 
     for r in table.itertuples(index=False):  # nested, so `dvc metrics show` flattens it readably
         metrics.setdefault(r.experiment, {}).setdefault(r.run_name, {})[f"{r.dataset}_f{r.fraction}"] = r.miou
     metrics = {"incontext_miou": metrics}
+    for r in overclusters.itertuples(index=False):
+        metrics.setdefault("overcluster_miou", {}).setdefault(r.experiment, {}).setdefault(
+            r.run_name, {})[f"{r.dataset}_k{r.clusters}"] = r.miou
     atomic_write_text(metrics_path, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
-    return {"csv": csv_path, "md": md_path, "metrics": metrics_path}
+    return {"csv": csv_path, "md": md_path, "metrics": metrics_path, "overcluster_csv": out_dir / "overcluster.csv",
+            "overcluster_md": out_dir / "overcluster.md"}

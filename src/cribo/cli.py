@@ -122,6 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     ic.add_argument("--run-name", default=None, help="run name recorded in the row")
     _add_common_eval(ic)
 
+    li = ev_sub.add_parser("linear", help="linear segmentation probe on the frozen backbone (Leopart/NeCo protocol)")
+    li.add_argument("--checkpoint", required=True, help="checkpoint to evaluate (any format --checkpoint takes)")
+    li.add_argument("--protocol", dest="linear_protocol", default="leopart", choices=["leopart"],
+                    help="leopart: 448 px, 1x1 conv, logits at 100x100, SGD lr 0.01, 25 epochs, drop at 20")
+    li.add_argument("--epochs", type=int, default=25, help="training epochs (default 25)")
+    li.add_argument("--drop-at", type=int, default=20, help="epoch at which the lr is divided by 10 (default 20)")
+    li.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default 0.01)")
+    li.add_argument("--mask-size", type=int, default=100, help="side of the logits and scored masks (default 100)")
+    li.add_argument("--seed", type=int, default=400, help="seed of the head and the data order (default 400)")
+    li.add_argument("--out", required=True, help="output JSON row")
+    li.add_argument("--experiment", default=None, help="experiment name recorded in the row")
+    li.add_argument("--run-name", default=None, help="run name recorded in the row")
+    _add_common_eval(li)
+
     oc = ev_sub.add_parser("overcluster", help="k-means overclustering of frozen validation features (Leopart protocol)")
     oc.add_argument("--checkpoint", required=True, help="checkpoint whose features the store holds")
     oc.add_argument("--val-features", required=True, help="feature store of the validation split (`cribo extract`)")
@@ -307,9 +321,32 @@ def cmd_overcluster(args) -> None:
     print(f"overclustering K={clusters}: mIoU {row['miou']:.2f} +- {row['miou_std']:.2f} -> {args.out}")
 
 
+def cmd_linear(args) -> None:
+    from cribo.data.registry import get_spec
+    from cribo.eval.linear import leopart_datasets, train_linear
+    from cribo.eval.protocol import make_row, write_row
+    from cribo.train.checkpoint import file_sha256
+
+    started = time.time()
+    spec = get_spec(args.dataset, args.data_root)
+    backbone, ckpt, device, size = _load_eval_backbone(args)
+    train, val = leopart_datasets(args.data_root, spec, size)
+    result = train_linear(backbone, train, val, spec.num_classes, epochs=args.epochs, drop_at=args.drop_at, lr=args.lr,
+                          batch_size=args.batch_size, mask_size=args.mask_size, seed=args.seed, device=device,
+                          num_workers=args.num_workers, ignore_index=spec.ignore_index, progress=not args.no_progress)
+    row = make_row("linear", {**result, "image_size": size}, checkpoint=args.checkpoint,
+                   checkpoint_sha256=file_sha256(args.checkpoint), checkpoint_cfg=ckpt.get("config"),
+                   dataset=spec.name, split=spec.val_split, class_names=list(spec.class_names),
+                   experiment=args.experiment, run_name=args.run_name, started=started)
+    write_row(row, args.out)
+    print(f"linear ({args.linear_protocol}) mIoU {row['miou']:.2f} -> {args.out}")
+
+
 def cmd_eval(args) -> None:
     if args.protocol == "overcluster":
         return cmd_overcluster(args)
+    if args.protocol == "linear":
+        return cmd_linear(args)
     from cribo.data.registry import get_spec
     from cribo.eval.features import extract_split, load_store
     from cribo.eval.protocol import make_row, run_incontext, write_row

@@ -22,6 +22,9 @@ FEATURES_ID = f"{DATASET}-{short_hash(DATA_ROOT, 6)}-{EVAL['image_size']}px"
 INCONTEXT_ID = f"{FEATURES_ID}-{short_hash({k: INCONTEXT[k] for k in ('k', 'temperature', 'memory_size', 'memory_passes', 'memory_augment')}, 6)}"
 OVERCLUSTER = EVAL["overcluster"]
 OVERCLUSTER_ID = f"{FEATURES_ID}-{short_hash({k: OVERCLUSTER[k] for k in ('seeds', 'pca_dim', 'iterations', 'restarts')}, 6)}"
+LINEAR = EVAL["linear"]
+LINEAR_SIZE = LINEAR["image_size"] or EVAL["image_size"]
+LINEAR_ID = f"{DATASET}-{short_hash(DATA_ROOT, 6)}-{LINEAR_SIZE}px-{short_hash(LINEAR, 6)}"
 RUN_DIR = "results/{experiment}/{run_id}"
 # feature folders: the queries in one plain pass, the memory as the protocol asks
 QUERY_PASSES = "x1"
@@ -36,6 +39,7 @@ wildcard_constraints:
     seed="[0-9]+",
     passes="x[0-9]+a?",
     clusters="classes|[0-9]+",
+    protocol="leopart|mmseg",
 
 
 def incontext_rows():
@@ -53,3 +57,7 @@ def overcluster_rows():
     """Every (run, K) row of the overclustering table."""
     return [f"results/{EXPERIMENT}/{rid}/eval/overcluster/{OVERCLUSTER_ID}/k{k}.json"
             for rid in RUN_IDS.values() for k in OVERCLUSTER["clusters"]]
+
+
+def linear_rows():
+    return [f"results/{EXPERIMENT}/{rid}/eval/linear/{LINEAR_ID}/{LINEAR['protocol']}.json" for rid in RUN_IDS.values()]

@@ -67,3 +67,26 @@ rule eval_overcluster:
         "--clusters {wildcards.clusters} --seeds {OVERCLUSTER[seeds]} --pca-dim {OVERCLUSTER[pca_dim]} "
         "--iterations {OVERCLUSTER[iterations]} --restarts {OVERCLUSTER[restarts]} "
         "--experiment {wildcards.experiment} --run-name {params.name} --out {output} > {log} 2>&1"
+
+
+rule eval_linear:
+    # a 1x1 convolution trained on the frozen backbone's tokens (augmented crops: not from stores)
+    input:
+        summary=f"{RUN_DIR}/pretrain/summary.json",
+        data=DATA_ROOT,
+    output:
+        f"{RUN_DIR}/eval/linear/{LINEAR_ID}/{{protocol}}.json",
+    log:
+        f"logs/{{experiment}}/{{run_id}}/linear-{LINEAR_ID}-{{protocol}}.log",
+    benchmark:
+        f"logs/benchmarks/{{experiment}}/{{run_id}}/linear-{LINEAR_ID}-{{protocol}}.tsv"
+    threads: workflow.cores
+    params:
+        ckpt=lambda wc, input: os.path.join(os.path.dirname(input.summary), "checkpoint.pth"),
+        name=lambda wc: RUN_NAME[wc.run_id],
+    shell:
+        "cribo eval linear --checkpoint {params.ckpt} --dataset {DATASET} --data-root {input.data} "
+        "--protocol {wildcards.protocol} --image-size {LINEAR_SIZE} --mask-size {LINEAR[mask_size]} "
+        "--epochs {LINEAR[epochs]} --drop-at {LINEAR[drop_at]} --lr {LINEAR[lr]} --batch-size {LINEAR[batch_size]} "
+        "--seed {LINEAR[seed]} --experiment {wildcards.experiment} --run-name {params.name} "
+        "--out {output} --no-progress > {log} 2>&1"

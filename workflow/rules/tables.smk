@@ -5,11 +5,14 @@ rule table:
     input:
         incontext_rows(),
         overcluster_rows(),
+        linear_rows(),
     output:
         csv="results/tables/incontext.csv",
         md="results/tables/incontext.md",
         oc_csv="results/tables/overcluster.csv",
         oc_md="results/tables/overcluster.md",
+        lin_csv="results/tables/linear.csv",
+        lin_md="results/tables/linear.md",
         metrics="results/tables/metrics.json",
     log:
         "logs/tables/table.log",

@@ -4,7 +4,8 @@
 training fraction, and reports the mean mIoU over evaluation seeds with its standard deviation
 and the number of seeds. The same frame is written as CSV (for programs) and Markdown (for
 people), plus a flat ``metrics.json`` that DVC compares across experiments. Overclustering rows
-(``build_overcluster_table``) become ``overcluster.{csv,md}``, one line per (run, K).
+(``build_overcluster_table``) become ``overcluster.{csv,md}``, one line per (run, K), and linear-probe
+rows (``build_linear_table``) ``linear.{csv,md}``.
 """
 
 from __future__ import annotations
@@ -82,6 +83,24 @@ def build_overcluster_table(rows: list[dict]) -> pd.DataFrame:
     return table.round({"miou": 2, "miou_std": 2})
 
 
+LINEAR_COLUMNS = ["experiment", "run_name", "run_id", "method", "arch", "dataset", "protocol_name", "image_size",
+                  "mask_size", "epochs"]
+
+
+def build_linear_table(rows: list[dict]) -> pd.DataFrame:
+    """One line per linear-probe row: mIoU (identity mapping) and the protocol's settings."""
+    rows = [r for r in rows if r.get("protocol") == "linear"]
+    columns = LINEAR_COLUMNS + ["miou", "pixel_accuracy"]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    frame = pd.DataFrame(rows)
+    for col in columns:
+        if col not in frame:
+            frame[col] = None
+    table = frame[columns].sort_values(["experiment", "run_name", "dataset"]).reset_index(drop=True)
+    return table.round({"miou": 2, "pixel_accuracy": 2})
+
+
 def to_markdown(table: pd.DataFrame) -> str:
     table = table.copy()
     if "fraction" in table:  # 0.125 must not print as 0.12
@@ -107,6 +126,9 @@ def write_tables(row_paths: list[str | Path], out_dir: str | Path) -> dict[str, 
     overclusters = build_overcluster_table(rows)
     atomic_write_text(out_dir / "overcluster.csv", overclusters.to_csv(index=False))
     atomic_write_text(out_dir / "overcluster.md", to_markdown(overclusters))
+    linear = build_linear_table(rows)
+    atomic_write_text(out_dir / "linear.csv", linear.to_csv(index=False))
+    atomic_write_text(out_dir / "linear.md", to_markdown(linear))
     csv_path, md_path, metrics_path = (out_dir / "incontext.csv", out_dir / "incontext.md",
                                        out_dir / "metrics.json")
     atomic_write_text(csv_path, table.to_csv(index=False))
@@ -115,6 +137,9 @@ def write_tables(row_paths: list[str | Path], out_dir: str | Path) -> dict[str, 
     for r in table.itertuples(index=False):  # nested, so `dvc metrics show` flattens it readably
         metrics.setdefault(r.experiment, {}).setdefault(r.run_name, {})[f"{r.dataset}_f{r.fraction}"] = r.miou
     metrics = {"incontext_miou": metrics}
+    for r in linear.itertuples(index=False):
+        metrics.setdefault("linear_miou", {}).setdefault(r.experiment, {}).setdefault(
+            r.run_name, {})[f"{r.dataset}_{r.protocol_name}"] = r.miou
     for r in overclusters.itertuples(index=False):
         metrics.setdefault("overcluster_miou", {}).setdefault(r.experiment, {}).setdefault(
             r.run_name, {})[f"{r.dataset}_k{r.clusters}"] = r.miou

@@ -55,8 +55,10 @@ def test_no_rows_and_bad_json_are_clear_errors(tmp_path):
 
 
 def test_markdown_renders_every_cell():
-    table = pd.DataFrame({"a": ["x"], "b": [1.5]})
-    assert to_markdown(table) == "| a | b |\n|---|---|\n| x | 1.50 |\n"
+    # metrics with two decimals; settings as written (integers stay integers in a column with NaN)
+    table = pd.DataFrame({"a": ["x", "y"], "miou": [1.5, 2.0], "fraction": [0.125, 1.0], "epochs": [25.0, None]})
+    assert to_markdown(table) == ("| a | miou | fraction | epochs |\n|---|---|---|---|\n"
+                                  "| x | 1.50 | 0.125 | 25 |\n| y | 2.00 | 1 | - |\n")
 
 
 def test_overcluster_table_one_line_per_k_and_metrics(tmp_path):
@@ -79,3 +81,31 @@ def test_overcluster_table_one_line_per_k_and_metrics(tmp_path):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["overcluster_miou"]["toy"]["dino"]["toyscenes_k300"] == 33.0
     assert "| dino |" in (tmp_path / "out" / "overcluster.md").read_text()
+
+
+def test_linear_and_finetune_tables_keep_their_protocols_apart(tmp_path):
+    from cribo.results.tables import build_finetune_table, build_linear_table
+
+    def seg(protocol, run, miou, **extra):
+        return {"protocol": protocol, "experiment": "toy", "run_name": run, "run_id": "1" * 8, "method": run,
+                "arch": "vit_tiny", "dataset": "voc", "miou": miou, "pixel_accuracy": 90.0, **extra}
+
+    rows = [seg("linear", "cribo", 61.234, protocol_name="mmseg", iterations=80000),
+            seg("linear", "cribo", 55.0, protocol_name="leopart", epochs=25, mask_size=100),
+            seg("finetune", "cribo", 70.0, decoder="mask", iterations=80000, lr=0.001, layer_decay=1.0),
+            seg("finetune", "cribo", 68.0, decoder="linear", iterations=80000, lr=0.001, layer_decay=0.65)]
+    linear = build_linear_table(rows)
+    # sorted by protocol; each protocol's own schedule column filled, the other empty
+    assert linear.protocol_name.tolist() == ["leopart", "mmseg"] and linear.miou.tolist() == [55.0, 61.23]
+    assert linear.epochs.tolist()[0] == 25 and pd.isna(linear.epochs.tolist()[1])
+    finetune = build_finetune_table(rows)
+    assert finetune.decoder.tolist() == ["linear", "mask"] and finetune.layer_decay.tolist() == [0.65, 1.0]
+    out = tmp_path / "rows"
+    out.mkdir()
+    for i, r in enumerate([*rows, _row("cribo", 20.0, 0)]):
+        (out / f"{i}.json").write_text(json.dumps(r))
+    write_tables([out], tmp_path / "tables")
+    metrics = json.loads((tmp_path / "tables" / "metrics.json").read_text())
+    assert metrics["finetune_miou"]["toy"]["cribo"] == {"voc_linear": 68.0, "voc_mask": 70.0}
+    assert metrics["linear_miou"]["toy"]["cribo"] == {"voc_leopart": 55.0, "voc_mmseg": 61.23}
+    assert "| mask |" in (tmp_path / "tables" / "finetune.md").read_text()

@@ -45,9 +45,10 @@ def test_dry_run_plans_every_stage_even_with_committed_tables(tmp_path):
     out = _snakemake(workdir, "-n")
     assert out.returncode == 0, out.stderr
     text = out.stdout + out.stderr
-    # ci.yaml: 4 runs; 2 splits each; fractions [1.0 (one seed), 0.25 (two seeds)] -> 3 rows per run
+    # ci.yaml: 4 runs; 2 splits each; fractions [1.0 (one seed), 0.25 (two seeds)] -> 3 rows per run;
+    # linear protocols leopart + mmseg and fine-tuning decoders mask + linear -> 2 rows each per run
     for rule, count in (("download_toyscenes", 1), ("run_config", 4), ("pretrain", 4), ("extract", 8),
-                        ("eval_incontext", 12), ("table", 1)):
+                        ("eval_incontext", 12), ("eval_linear", 8), ("eval_finetune", 8), ("table", 1)):
         assert any(line.split() == [rule, str(count)] for line in text.splitlines()), (rule, text[-2000:])
 
 

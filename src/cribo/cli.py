@@ -32,6 +32,24 @@ def _add_common_eval(p: argparse.ArgumentParser) -> None:
                         "not needed for our checkpoints, official CrIBo/DINO checkpoints or exports")
 
 
+def _add_dense_args(p: argparse.ArgumentParser, *, optimizer: str, weight_decay: float, iterations: int) -> None:
+    """Options of the iteration-based mmseg-style protocols (mmseg linear probe and fine-tuning)."""
+    g = p.add_argument_group("mmseg-style training (linear --protocol mmseg, finetune)")
+    g.add_argument("--iterations", type=int, default=iterations,
+                   help=f"training iterations (default {iterations}: VOC; 160000 for ADE20K and COCO-Stuff)")
+    g.add_argument("--optimizer", default=optimizer, choices=["adam", "adamw", "sgd"], help=f"default {optimizer}")
+    g.add_argument("--weight-decay", type=float, default=weight_decay, help=f"default {weight_decay}")
+    g.add_argument("--min-lr", type=float, default=None, help="floor of the poly schedule (default lr / 10)")
+    g.add_argument("--crop", type=int, default=512, help="training crop and sliding window side (default 512)")
+    g.add_argument("--stride", type=int, default=480, help="sliding-window stride (default 480)")
+    g.add_argument("--scale", type=int, nargs=2, default=[2048, 512], metavar=("LONG", "SHORT"),
+                   help="resize bound (long, short) of the test images and, times 0.5-2, of the training images")
+    g.add_argument("--normalisation", default="imagenet", choices=["imagenet", "half"],
+                   help="input normalisation: ImageNet statistics (default) or mmseg's Segmenter 127.5/127.5")
+    g.add_argument("--checkpoint-every", type=int, default=1000,
+                   help="iterations between resumable state saves next to --out (default 1000)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cribo",
@@ -40,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # ---- data ----
-    data = sub.add_parser("data", help="generate the embedded dataset or list known datasets")
+    data = sub.add_parser("data", help="datasets: generate the toy, download / prepare real ones, check user-provided ones")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     toy = data_sub.add_parser("toyscenes", help="generate the embedded toy scene dataset (VOC + COCO layouts)")
     toy.add_argument("--out", required=True, help="output folder (created atomically)")
@@ -50,6 +68,26 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     toy.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     data_sub.add_parser("list", help="list the known dataset names")
+    dl = data_sub.add_parser("download", help="download, verify and extract the archives of a dataset")
+    dl.add_argument("name", help="dataset (voc, ade20k, coco, coco-stuff15, coco-things12, coco-stuff171) or archive name")
+    dl.add_argument("--downloads", default="resources/downloads", help="folder for the archives (default resources/downloads)")
+    dl.add_argument("--raw", default="resources/raw", help="archives are extracted into RAW/<archive>/ (default resources/raw)")
+    dl.add_argument("--mirror", default=None, help="fetch <MIRROR>/<filename> instead of the registry URL")
+    dl.add_argument("--remove-archives", action="store_true", help="delete each archive once extracted")
+    dl.add_argument("--retries", type=int, default=4, help="retries of transient network errors (default 4)")
+    dl.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    pp = data_sub.add_parser("prepare", help="build a dataset's masks and split lists from its extracted archives")
+    pp.add_argument("name", help="voc, ade20k, coco, coco-stuff15, coco-things12 or coco-stuff171")
+    pp.add_argument("--raw", default="resources/raw", help="folder holding RAW/<archive>/ (default resources/raw)")
+    pp.add_argument("--out", required=True, help="prepared dataset folder (completion marker .prepared.json)")
+    pp.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    pp.add_argument("--force", action="store_true", help="redo even if the completion marker exists")
+    pp.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    ck = data_sub.add_parser("check", help="check a user-provided dataset tree (imagenet, cityscapes)")
+    ck.add_argument("name", choices=["imagenet", "cityscapes"])
+    ck.add_argument("--root", required=True, help="folder the user provides")
+    ck.add_argument("--no-count-check", action="store_true", help="accept image counts other than the official ones")
+    ck.add_argument("--out", default=None, help="write the counts as JSON here when the tree is complete")
 
     # ---- config ----
     conf = sub.add_parser("config", help="resolve run configs from a workflow config")
@@ -122,19 +160,38 @@ def build_parser() -> argparse.ArgumentParser:
     ic.add_argument("--run-name", default=None, help="run name recorded in the row")
     _add_common_eval(ic)
 
-    li = ev_sub.add_parser("linear", help="linear segmentation probe on the frozen backbone (Leopart/NeCo protocol)")
+    li = ev_sub.add_parser("linear", help="linear segmentation probe on the frozen backbone (leopart or mmseg protocol)")
     li.add_argument("--checkpoint", required=True, help="checkpoint to evaluate (any format --checkpoint takes)")
-    li.add_argument("--protocol", dest="linear_protocol", default="leopart", choices=["leopart"],
-                    help="leopart: 448 px, 1x1 conv, logits at 100x100, SGD lr 0.01, 25 epochs, drop at 20")
-    li.add_argument("--epochs", type=int, default=25, help="training epochs (default 25)")
-    li.add_argument("--drop-at", type=int, default=20, help="epoch at which the lr is divided by 10 (default 20)")
-    li.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default 0.01)")
-    li.add_argument("--mask-size", type=int, default=100, help="side of the logits and scored masks (default 100)")
+    li.add_argument("--protocol", dest="linear_protocol", default="leopart", choices=["leopart", "mmseg"],
+                    help="leopart: 448 px, 1x1 conv, logits at 100x100, SGD lr 0.01, 25 epochs, drop at 20; "
+                         "mmseg: 512 crops of random resizes 0.5-2, 1x1 conv, Adam + poly lr, iterations, "
+                         "sliding-window inference 512/480 scored at the original resolution")
+    li.add_argument("--epochs", type=int, default=25, help="[leopart] training epochs (default 25)")
+    li.add_argument("--drop-at", type=int, default=20, help="[leopart] epoch at which the lr is divided by 10 (default 20)")
+    li.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01, both protocols)")
+    li.add_argument("--mask-size", type=int, default=100, help="[leopart] side of the logits and scored masks (default 100)")
     li.add_argument("--seed", type=int, default=400, help="seed of the head and the data order (default 400)")
+    _add_dense_args(li, optimizer="adam", weight_decay=0.01, iterations=80000)
     li.add_argument("--out", required=True, help="output JSON row")
     li.add_argument("--experiment", default=None, help="experiment name recorded in the row")
     li.add_argument("--run-name", default=None, help="run name recorded in the row")
     _add_common_eval(li)
+
+    ft = ev_sub.add_parser("finetune", help="end-to-end fine-tuning: backbone unfrozen, Segmenter mask or linear decoder")
+    ft.add_argument("--checkpoint", required=True, help="checkpoint to fine-tune (any format --checkpoint takes)")
+    ft.add_argument("--decoder", default="mask", choices=["mask", "linear"],
+                    help="mask: Segmenter mask transformer (2 layers); linear: 1x1 conv (default mask)")
+    ft.add_argument("--lr", type=float, default=1e-3, help="base learning rate (default 1e-3, the Segmenter configs)")
+    ft.add_argument("--layer-decay", type=float, default=1.0,
+                    help="layer-wise lr decay over the backbone blocks (default 1.0 = off; 0.65 is iBOT's)")
+    ft.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the backbone (default 0.1)")
+    ft.add_argument("--decoder-layers", type=int, default=2, help="mask transformer layers (default 2)")
+    ft.add_argument("--seed", type=int, default=0, help="seed of the decoder and the data order (default 0)")
+    _add_dense_args(ft, optimizer="adam", weight_decay=0.0, iterations=80000)
+    ft.add_argument("--out", required=True, help="output JSON row")
+    ft.add_argument("--experiment", default=None, help="experiment name recorded in the row")
+    ft.add_argument("--run-name", default=None, help="run name recorded in the row")
+    _add_common_eval(ft)
 
     oc = ev_sub.add_parser("overcluster", help="k-means overclustering of frozen validation features (Leopart protocol)")
     oc.add_argument("--checkpoint", required=True, help="checkpoint whose features the store holds")
@@ -180,6 +237,33 @@ def cmd_data(args) -> None:
         from cribo.data.registry import known_datasets
 
         print("\n".join(known_datasets()))
+        return
+    if args.data_command == "download":
+        from cribo.data.fetch import fetch_dataset
+
+        for folder in fetch_dataset(args.name, args.downloads, args.raw, mirror=args.mirror,
+                                    remove_archive=args.remove_archives, retries=args.retries,
+                                    progress=not args.no_progress):
+            print(f"extracted: {folder}")
+        return
+    if args.data_command == "prepare":
+        from cribo.data.prepare import prepare
+
+        start = time.time()
+        info = prepare(args.name, args.raw, args.out, workers=args.workers, progress=not args.no_progress,
+                       force=args.force)
+        print(f"{args.name} prepared in {args.out} ({time.time() - start:.1f} s): {json.dumps(info)}")
+        return
+    if args.data_command == "check":
+        from cribo.data.user_provided import check_cityscapes, check_imagenet
+
+        check = check_imagenet if args.name == "imagenet" else check_cityscapes
+        counts = check(args.root, expect_counts=not args.no_count_check)
+        if args.out:
+            from cribo.config import atomic_write_text
+
+            atomic_write_text(args.out, json.dumps(counts, indent=1) + "\n")
+        print(f"{args.name} at {args.root}: complete {json.dumps(counts)}")
         return
     from cribo.data.toyscenes import generate
 
@@ -321,20 +405,37 @@ def cmd_overcluster(args) -> None:
     print(f"overclustering K={clusters}: mIoU {row['miou']:.2f} +- {row['miou_std']:.2f} -> {args.out}")
 
 
+def _dense_kwargs(args, device) -> dict:
+    return dict(iterations=args.iterations, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                weight_decay=args.weight_decay, min_lr=args.min_lr, crop=args.crop, stride=args.stride,
+                seed=args.seed, device=device, num_workers=args.num_workers,
+                state_path=f"{args.out}.state.pth", checkpoint_every=args.checkpoint_every,
+                progress=not args.no_progress)
+
+
 def cmd_linear(args) -> None:
     from cribo.data.registry import get_spec
-    from cribo.eval.linear import leopart_datasets, train_linear
+    from cribo.eval.linear import leopart_datasets, mmseg_datasets, train_linear, train_linear_mmseg
     from cribo.eval.protocol import make_row, write_row
     from cribo.train.checkpoint import file_sha256
 
     started = time.time()
     spec = get_spec(args.dataset, args.data_root)
     backbone, ckpt, device, size = _load_eval_backbone(args)
-    train, val = leopart_datasets(args.data_root, spec, size)
-    result = train_linear(backbone, train, val, spec.num_classes, epochs=args.epochs, drop_at=args.drop_at, lr=args.lr,
-                          batch_size=args.batch_size, mask_size=args.mask_size, seed=args.seed, device=device,
-                          num_workers=args.num_workers, ignore_index=spec.ignore_index, progress=not args.no_progress)
-    row = make_row("linear", {**result, "image_size": size}, checkpoint=args.checkpoint,
+    if args.linear_protocol == "leopart":
+        train, val = leopart_datasets(args.data_root, spec, size)
+        result = train_linear(backbone, train, val, spec.num_classes, epochs=args.epochs, drop_at=args.drop_at,
+                              lr=args.lr, batch_size=args.batch_size, mask_size=args.mask_size, seed=args.seed,
+                              device=device, num_workers=args.num_workers, ignore_index=spec.ignore_index,
+                              progress=not args.no_progress)
+        result["image_size"] = size
+    else:
+        train, val = mmseg_datasets(args.data_root, spec, crop=args.crop, scale=args.scale,
+                                    normalisation=args.normalisation)
+        result = train_linear_mmseg(backbone, train, val, spec.num_classes, ignore_index=spec.ignore_index,
+                                    **_dense_kwargs(args, device))
+        result.update(image_size=args.crop, scale=list(args.scale), normalisation=args.normalisation)
+    row = make_row("linear", result, checkpoint=args.checkpoint,
                    checkpoint_sha256=file_sha256(args.checkpoint), checkpoint_cfg=ckpt.get("config"),
                    dataset=spec.name, split=spec.val_split, class_names=list(spec.class_names),
                    experiment=args.experiment, run_name=args.run_name, started=started)
@@ -342,11 +443,41 @@ def cmd_linear(args) -> None:
     print(f"linear ({args.linear_protocol}) mIoU {row['miou']:.2f} -> {args.out}")
 
 
+def cmd_finetune(args) -> None:
+    from cribo.data.registry import get_spec
+    from cribo.eval.dense_training import train_dense
+    from cribo.eval.finetune import build_finetune_model
+    from cribo.eval.linear import mmseg_datasets
+    from cribo.eval.protocol import make_row, write_row
+    from cribo.train.checkpoint import file_sha256
+
+    started = time.time()
+    spec = get_spec(args.dataset, args.data_root)
+    backbone, ckpt, device, _ = _load_eval_backbone(args)
+    model = build_finetune_model(backbone, spec.num_classes, args.decoder, num_layers=args.decoder_layers,
+                                 drop_path=args.drop_path)
+    train, val = mmseg_datasets(args.data_root, spec, crop=args.crop, scale=args.scale,
+                                normalisation=args.normalisation)
+    result = train_dense(model, train, val, spec.num_classes, layer_decay=args.layer_decay,
+                         ignore_index=spec.ignore_index, **_dense_kwargs(args, device))
+    result.update(protocol_name=f"finetune-{args.decoder}", decoder=args.decoder, drop_path=args.drop_path,
+                  decoder_layers=args.decoder_layers, image_size=args.crop, scale=list(args.scale),
+                  normalisation=args.normalisation)
+    row = make_row("finetune", result, checkpoint=args.checkpoint,
+                   checkpoint_sha256=file_sha256(args.checkpoint), checkpoint_cfg=ckpt.get("config"),
+                   dataset=spec.name, split=spec.val_split, class_names=list(spec.class_names),
+                   experiment=args.experiment, run_name=args.run_name, started=started)
+    write_row(row, args.out)
+    print(f"fine-tuning ({args.decoder} decoder) mIoU {row['miou']:.2f} -> {args.out}")
+
+
 def cmd_eval(args) -> None:
     if args.protocol == "overcluster":
         return cmd_overcluster(args)
     if args.protocol == "linear":
         return cmd_linear(args)
+    if args.protocol == "finetune":
+        return cmd_finetune(args)
     from cribo.data.registry import get_spec
     from cribo.eval.features import extract_split, load_store
     from cribo.eval.protocol import make_row, run_incontext, write_row
@@ -389,7 +520,7 @@ def cmd_figures(args) -> None:
     import torch
 
     from cribo.data.registry import get_spec
-    from cribo.data.segmentation import ResizePair, VOCLayoutSegmentation
+    from cribo.data.segmentation import ResizePair, segmentation_dataset
     from cribo.eval import figures
     from cribo.eval.features import load_store
     from cribo.models.backbones import ViTPatchFeatures
@@ -401,7 +532,7 @@ def cmd_figures(args) -> None:
     shown = list(range(min(args.num_images, val.features.shape[0])))
 
     def pictures(split, ids):
-        data = VOCLayoutSegmentation(args.data_root, split, ids=ids)
+        data = segmentation_dataset(spec, args.data_root, split, ids=ids)
         return [np.asarray(data[i][0].resize((size, size))) for i in range(len(ids))]
 
     val_ids = [val.meta["ids"][i] for i in shown]
@@ -419,7 +550,7 @@ def cmd_figures(args) -> None:
     resize = ResizePair(size)
 
     def objects(split, ids):
-        data = VOCLayoutSegmentation(args.data_root, split, ids=ids, transform=resize)
+        data = segmentation_dataset(spec, args.data_root, split, ids=ids, transform=resize)
         batch = torch.stack([data[i][0] for i in range(len(ids))]).to(device)
         return figures.image_objects(backbone.eval(), batch, k_obj, alpha)
 
@@ -461,12 +592,13 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     from cribo.config import ConfigError
     from cribo.data.registry import UnknownDatasetError
+    from cribo.data.download import DownloadError
     from cribo.data.segmentation import DataError
     from cribo.results.tables import RowError
     from cribo.train.checkpoint import CheckpointLoadError
 
     user_errors = (ConfigError, UnknownDatasetError, DataError, RowError, CheckpointLoadError,
-                   FileNotFoundError, FileExistsError, KeyError, ValueError)
+                   FileNotFoundError, FileExistsError, KeyError, ValueError, DownloadError)
     try:
         COMMANDS[args.command](args)
     except user_errors as err:

@@ -13,6 +13,9 @@ RUN_NAME = {rid: name for name, rid in RUN_IDS.items()}
 
 DATASET = config["dataset"]["name"]
 DATA_ROOT = dataset_root(config)
+# what a rule waits for: the generated toy folder, or a prepared dataset's completion marker
+# (written last by `cribo data prepare`; rules datasets.smk build it from the downloads)
+DATA_INPUT = DATA_ROOT if DATASET == "toyscenes" else f"{DATA_ROOT}/.prepared.json"
 EVAL = config["evaluate"]
 INCONTEXT = EVAL["incontext"]
 # Folder names that carry the settings of the artefacts inside them.
@@ -24,7 +27,16 @@ OVERCLUSTER = EVAL["overcluster"]
 OVERCLUSTER_ID = f"{FEATURES_ID}-{short_hash({k: OVERCLUSTER[k] for k in ('seeds', 'pca_dim', 'iterations', 'restarts')}, 6)}"
 LINEAR = EVAL["linear"]
 LINEAR_SIZE = LINEAR["image_size"] or EVAL["image_size"]
-LINEAR_ID = f"{DATASET}-{short_hash(DATA_ROOT, 6)}-{LINEAR_SIZE}px-{short_hash(LINEAR, 6)}"
+DENSE = EVAL["dense"]
+FINETUNE = EVAL["finetune"]
+DATA_ID = f"{DATASET}-{short_hash(DATA_ROOT, 6)}"
+# one settings id per protocol: changing one protocol's settings leaves the others' rows valid
+_LEOPART = {k: LINEAR[k] for k in ("image_size", "mask_size", "epochs", "drop_at", "lr", "batch_size", "seed")}
+LINEAR_IDS = {
+    "leopart": f"{DATA_ID}-{LINEAR_SIZE}px-{short_hash(_LEOPART, 6)}",
+    "mmseg": f"{DATA_ID}-{DENSE['crop']}px-{short_hash({**LINEAR['mmseg'], **DENSE}, 6)}",
+}
+FINETUNE_ID = f"{DATA_ID}-{DENSE['crop']}px-{short_hash({**{k: v for k, v in FINETUNE.items() if k != 'decoders'}, **DENSE}, 6)}"
 RUN_DIR = "results/{experiment}/{run_id}"
 # feature folders: the queries in one plain pass, the memory as the protocol asks
 QUERY_PASSES = "x1"
@@ -40,6 +52,8 @@ wildcard_constraints:
     passes="x[0-9]+a?",
     clusters="classes|[0-9]+",
     protocol="leopart|mmseg",
+    decoder="mask|linear",
+    setting="[A-Za-z0-9_.-]+",
 
 
 def incontext_rows():
@@ -60,4 +74,35 @@ def overcluster_rows():
 
 
 def linear_rows():
-    return [f"results/{EXPERIMENT}/{rid}/eval/linear/{LINEAR_ID}/{LINEAR['protocol']}.json" for rid in RUN_IDS.values()]
+    return [f"results/{EXPERIMENT}/{rid}/eval/linear/{p}/{LINEAR_IDS[p]}.json"
+            for rid in RUN_IDS.values() for p in LINEAR["protocols"]]
+
+
+def finetune_rows():
+    return [f"results/{EXPERIMENT}/{rid}/eval/finetune/{d}/{FINETUNE_ID}.json"
+            for rid in RUN_IDS.values() for d in FINETUNE["decoders"]]
+
+
+def dense_options():
+    """CLI options of the mmseg-style geometry, shared by the mmseg linear probe and fine-tuning."""
+    return (f"--crop {DENSE['crop']} --stride {DENSE['stride']} --scale {DENSE['scale'][0]} {DENSE['scale'][1]} "
+            f"--normalisation {DENSE['normalisation']}")
+
+
+def linear_options(wildcards):
+    """The protocol's own CLI options of `cribo eval linear`."""
+    if wildcards.protocol == "leopart":
+        return (f"--image-size {LINEAR_SIZE} --mask-size {LINEAR['mask_size']} --epochs {LINEAR['epochs']} "
+                f"--drop-at {LINEAR['drop_at']} --lr {LINEAR['lr']} --batch-size {LINEAR['batch_size']} "
+                f"--seed {LINEAR['seed']}")
+    m = LINEAR["mmseg"]
+    return (f"--iterations {m['iterations']} --optimizer {m['optimizer']} --lr {m['lr']} "
+            f"--weight-decay {m['weight_decay']} --batch-size {m['batch_size']} --seed {m['seed']} {dense_options()}")
+
+
+def finetune_options(wildcards):
+    f = FINETUNE
+    return (f"--decoder {wildcards.decoder} --iterations {f['iterations']} --optimizer {f['optimizer']} "
+            f"--lr {f['lr']} --weight-decay {f['weight_decay']} --layer-decay {f['layer_decay']} "
+            f"--drop-path {f['drop_path']} --decoder-layers {f['decoder_layers']} --batch-size {f['batch_size']} "
+            f"--seed {f['seed']} {dense_options()}")

@@ -1,5 +1,5 @@
-# download: the embedded toy scenes are generated here; real datasets get their download and
-# prepare rules with the dataset stage (until then their prepared folder must exist).
+# download: the embedded toy scenes are generated here; real datasets are downloaded and prepared
+# by datasets.smk (their completion marker is the DAG's DATA_INPUT).
 
 if DATASET == "toyscenes":
 

@@ -73,20 +73,41 @@ rule eval_linear:
     # a 1x1 convolution trained on the frozen backbone's tokens (augmented crops: not from stores)
     input:
         summary=f"{RUN_DIR}/pretrain/summary.json",
-        data=DATA_ROOT,
+        data=DATA_INPUT,
     output:
-        f"{RUN_DIR}/eval/linear/{LINEAR_ID}/{{protocol}}.json",
+        f"{RUN_DIR}/eval/linear/{{protocol}}/{{setting}}.json",
     log:
-        f"logs/{{experiment}}/{{run_id}}/linear-{LINEAR_ID}-{{protocol}}.log",
+        f"logs/{{experiment}}/{{run_id}}/linear-{{protocol}}-{{setting}}.log",
     benchmark:
-        f"logs/benchmarks/{{experiment}}/{{run_id}}/linear-{LINEAR_ID}-{{protocol}}.tsv"
+        f"logs/benchmarks/{{experiment}}/{{run_id}}/linear-{{protocol}}-{{setting}}.tsv"
     threads: workflow.cores
     params:
         ckpt=lambda wc, input: os.path.join(os.path.dirname(input.summary), "checkpoint.pth"),
         name=lambda wc: RUN_NAME[wc.run_id],
+        options=linear_options,
     shell:
-        "cribo eval linear --checkpoint {params.ckpt} --dataset {DATASET} --data-root {input.data} "
-        "--protocol {wildcards.protocol} --image-size {LINEAR_SIZE} --mask-size {LINEAR[mask_size]} "
-        "--epochs {LINEAR[epochs]} --drop-at {LINEAR[drop_at]} --lr {LINEAR[lr]} --batch-size {LINEAR[batch_size]} "
-        "--seed {LINEAR[seed]} --experiment {wildcards.experiment} --run-name {params.name} "
+        "cribo eval linear --checkpoint {params.ckpt} --dataset {DATASET} --data-root {DATA_ROOT} "
+        "--protocol {wildcards.protocol} {params.options} --experiment {wildcards.experiment} "
+        "--run-name {params.name} --out {output} --no-progress > {log} 2>&1"
+
+
+rule eval_finetune:
+    # backbone unfrozen + decoder, mmseg-style crops and sliding-window scoring; resumable state next to the row
+    input:
+        summary=f"{RUN_DIR}/pretrain/summary.json",
+        data=DATA_INPUT,
+    output:
+        f"{RUN_DIR}/eval/finetune/{{decoder}}/{{setting}}.json",
+    log:
+        f"logs/{{experiment}}/{{run_id}}/finetune-{{decoder}}-{{setting}}.log",
+    benchmark:
+        f"logs/benchmarks/{{experiment}}/{{run_id}}/finetune-{{decoder}}-{{setting}}.tsv"
+    threads: workflow.cores
+    params:
+        ckpt=lambda wc, input: os.path.join(os.path.dirname(input.summary), "checkpoint.pth"),
+        name=lambda wc: RUN_NAME[wc.run_id],
+        options=finetune_options,
+    shell:
+        "cribo eval finetune --checkpoint {params.ckpt} --dataset {DATASET} --data-root {DATA_ROOT} "
+        "{params.options} --experiment {wildcards.experiment} --run-name {params.name} "
         "--out {output} --no-progress > {log} 2>&1"

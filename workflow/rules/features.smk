@@ -6,7 +6,7 @@
 rule extract:
     input:
         summary=f"{RUN_DIR}/pretrain/summary.json",
-        data=DATA_ROOT,
+        data=DATA_INPUT,
     output:
         directory(f"{RUN_DIR}/features/{FEATURES_ID}/{{split}}-{{passes}}"),
     log:
@@ -21,6 +21,6 @@ rule extract:
         passes=lambda wc: wc.passes[1:].rstrip("a"),
         augment=lambda wc: "--augment" if wc.passes.endswith("a") else "",
     shell:
-        "cribo extract --checkpoint {params.ckpt} --dataset {DATASET} --data-root {input.data} "
+        "cribo extract --checkpoint {params.ckpt} --dataset {DATASET} --data-root {DATA_ROOT} "
         "--split {wildcards.split} --image-size {params.size} --batch-size {params.batch} "
         "--passes {params.passes} {params.augment} --out {output} --no-progress > {log} 2>&1"

@@ -6,6 +6,7 @@ rule table:
         incontext_rows(),
         overcluster_rows(),
         linear_rows(),
+        finetune_rows(),
     output:
         csv="results/tables/incontext.csv",
         md="results/tables/incontext.md",
@@ -13,6 +14,8 @@ rule table:
         oc_md="results/tables/overcluster.md",
         lin_csv="results/tables/linear.csv",
         lin_md="results/tables/linear.md",
+        ft_csv="results/tables/finetune.csv",
+        ft_md="results/tables/finetune.md",
         metrics="results/tables/metrics.json",
     log:
         "logs/tables/table.log",

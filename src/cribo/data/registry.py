@@ -1,13 +1,22 @@
-"""The datasets the pipeline knows, by name, and what each looks like on disk.
+"""The datasets the pipeline knows, by name: what each looks like on disk and where it comes from.
 
-A dataset spec says which layout its loader reads, how many classes its masks hold, which label
-is ignored and which splits serve as the retrieval memory (``train_split``) and as queries
-(``val_split``). Download URLs and checksums arrive with the real-dataset stage; the spine only
-needs the layouts.
+A :class:`DatasetSpec` says which layout its loader reads, how many classes its masks hold, which
+label is ignored and which splits serve as the retrieval memory / training set (``train_split``)
+and as queries / validation (``val_split``). An :class:`Archive` says where a file is downloaded
+from, its checksum when one is published, and roughly how big it is (for the free-space check).
+``PREPARED`` says which archives each prepared dataset needs.
+
+Checksums: the md5 sums below are the ones published with the datasets (and used by torchvision
+and others). COCO's stuff, panoptic and stuffthingmaps archives have none published; their first
+download records its sha256 beside the file and later downloads are checked against it.
+
+ImageNet-1k and Cityscapes need a licence or a login: they are never downloaded, the ``prepare``
+stage checks the tree the user points at (:mod:`cribo.data.user_provided`).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +25,7 @@ from pathlib import Path
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
-    layout: str  # "voc": JPEGImages/, SegmentationClass[Aug]/, ImageSets/Segmentation/<split>.txt
+    layout: str  # "voc": JPEGImages/, SegmentationClass[Aug]/, ImageSets/Segmentation/<split>.txt; "ade": as distributed
     num_classes: int
     ignore_index: int
     train_split: str
@@ -24,15 +33,76 @@ class DatasetSpec:
     class_names: tuple[str, ...] = field(default=())
 
 
+@dataclass(frozen=True)
+class Archive:
+    name: str
+    url: str
+    filename: str
+    approx_bytes: int  # for the free-space check (and twice that while extracting)
+    md5: str | None = None
+
+
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
     "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
     "train", "tvmonitor",
 )
+CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+                      "motorcycle", "bicycle")
+
+_GB = 1_000_000_000
+ARCHIVES: dict[str, Archive] = {a.name: a for a in (
+    Archive("voc2012", "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
+            "VOCtrainval_11-May-2012.tar", 2 * _GB, "6cd6e144f989b92b3379bac3b3de84fd"),
+    Archive("sbd", "http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz",
+            "benchmark.tgz", int(1.45 * _GB), "82b4d87ceb2ed10f6038a1cba92111cb"),
+    Archive("ade20k", "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip",
+            "ADEChallengeData2016.zip", int(0.93 * _GB), "7328b3957e407ddae1d3cbf487f149ef"),
+    Archive("coco_train2017", "http://images.cocodataset.org/zips/train2017.zip", "train2017.zip",
+            int(18.9 * _GB), "cced6f7f71b7629ddf16f17bbcfab6b2"),
+    Archive("coco_val2017", "http://images.cocodataset.org/zips/val2017.zip", "val2017.zip",
+            int(0.82 * _GB), "442b8da7639aecaf257c1dceb8ba8c80"),
+    Archive("coco_stuff_annotations",
+            "http://images.cocodataset.org/annotations/stuff_annotations_trainval2017.zip",
+            "stuff_annotations_trainval2017.zip", int(1.2 * _GB)),
+    Archive("coco_panoptic_annotations",
+            "http://images.cocodataset.org/annotations/panoptic_annotations_trainval2017.zip",
+            "panoptic_annotations_trainval2017.zip", int(0.9 * _GB)),
+    Archive("coco_stuffthingmaps",
+            "http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/stuffthingmaps_trainval2017.zip",
+            "stuffthingmaps_trainval2017.zip", int(0.7 * _GB)),
+)}
+
+_COCO_IMAGES = ("coco_train2017", "coco_val2017")
+# prepared dataset -> archives it is built from
+PREPARED: dict[str, tuple[str, ...]] = {
+    "voc": ("voc2012", "sbd"),
+    "ade20k": ("ade20k",),
+    "coco-stuff15": (*_COCO_IMAGES, "coco_stuff_annotations"),
+    "coco-things12": (*_COCO_IMAGES, "coco_panoptic_annotations"),
+    "coco-stuff171": (*_COCO_IMAGES, "coco_stuffthingmaps"),
+    "coco": _COCO_IMAGES,  # unlabelled images for pretraining
+}
+USER_PROVIDED = ("imagenet", "cityscapes")
+
+
+def _coco_spec(name: str, num_classes: int) -> DatasetSpec:
+    from cribo.data import coco
+
+    names = {"coco-stuff15": coco.STUFF15_CLASSES, "coco-things12": coco.THINGS12_CLASSES}.get(name, ())
+    return DatasetSpec(name, "voc", num_classes, 255, "train", "val", tuple(names))
+
 
 _REGISTRY: dict[str, DatasetSpec] = {
     "toyscenes": DatasetSpec("toyscenes", "voc", 9, 255, "train", "val"),
     "voc": DatasetSpec("voc", "voc", 21, 255, "trainaug", "val", VOC_CLASSES),
+    # 151 labels with 0 = "other" ignored: the 150-class mean (Hummingbird / NeCo convention)
+    "ade20k": DatasetSpec("ade20k", "ade", 151, 0, "training", "validation"),
+    "coco-stuff15": _coco_spec("coco-stuff15", 15),
+    "coco-things12": _coco_spec("coco-things12", 12),
+    "coco-stuff171": _coco_spec("coco-stuff171", 171),
+    "cityscapes": DatasetSpec("cityscapes", "voc", 19, 255, "train", "val", CITYSCAPES_CLASSES),
 }
 
 
@@ -45,16 +115,27 @@ def known_datasets() -> list[str]:
 
 
 def get_spec(name: str, root: str | Path | None = None) -> DatasetSpec:
-    """Look a dataset up by name; for ``toyscenes`` the class names come from its ``meta.json``."""
+    """Look a dataset up by name; class names the spec lacks are read from the prepared folder
+    (toyscenes ``meta.json``, a prepared dataset's ``meta.json``, ADE20K's ``objectInfo150.csv``)."""
     if name not in _REGISTRY:
         raise UnknownDatasetError(
             f"unknown dataset {name!r}; known datasets: {', '.join(known_datasets())}")
     spec = _REGISTRY[name]
-    if name == "toyscenes" and root is not None:
-        meta_path = Path(root) / "meta.json"
-        if meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
-            spec = DatasetSpec(spec.name, spec.layout, int(meta["num_classes"]),
-                               int(meta["ignore_index"]), spec.train_split, spec.val_split,
-                               tuple(meta["classes"]))
+    if root is None:
+        return spec
+    meta_path = Path(root) / "meta.json"
+    if name == "toyscenes" and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        return DatasetSpec(spec.name, spec.layout, int(meta["num_classes"]), int(meta["ignore_index"]),
+                           spec.train_split, spec.val_split, tuple(meta["classes"]))
+    if not spec.class_names and meta_path.is_file():
+        classes = tuple(json.loads(meta_path.read_text()).get("classes", ()))
+        if len(classes) == spec.num_classes:
+            return DatasetSpec(**{**spec.__dict__, "class_names": classes})
+    info = Path(root) / "objectInfo150.csv"
+    if name == "ade20k" and info.is_file():
+        with open(info, newline="") as f:
+            names = [row["Name"].split(";")[0] for row in csv.DictReader(f)]
+        if len(names) == 150:
+            return DatasetSpec(**{**spec.__dict__, "class_names": ("other", *names)})
     return spec

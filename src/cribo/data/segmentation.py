@@ -7,6 +7,11 @@ Layout read (Pascal VOC 2012, and every dataset the pipeline prepares into it)::
     ROOT/SegmentationClassAug/<id>.png      optional; used for the ``trainaug`` split when present
     ROOT/ImageSets/Segmentation/<split>.txt one id per line
 
+ADE20K (SceneParsing) is read as distributed (``ADELayoutSegmentation``)::
+
+    ROOT/images/<split>/<id>.jpg            split = training | validation
+    ROOT/annotations/<split>/<id>.png       0 = "other" (ignored), 1-150 classes
+
 Every file problem (missing, unreadable, mask of the wrong size or mode) raises
 :class:`DataError` naming the file, so a bad sample never turns into a silent wrong number.
 """
@@ -67,15 +72,32 @@ def load_mask(path: Path) -> np.ndarray:
         raise DataError(f"corrupt or unreadable mask: {path} ({err})") from err
 
 
+def check_mask_values(mask: np.ndarray, num_classes: int, ignore_index: int, path, dataset: str = "dataset") -> None:
+    """Raise :class:`DataError` if ``mask`` holds a value outside ``[0, num_classes)`` other than ``ignore_index``."""
+    if mask.size == 0:
+        return
+    counts = np.bincount(mask.reshape(-1), minlength=256)
+    bad = [v for v in np.flatnonzero(counts) if v >= num_classes and v != ignore_index]
+    if bad:
+        raise DataError(f"mask {path} holds value {bad[0]} ({counts[bad[0]]} pixels"
+                        f"{'; also ' + ', '.join(map(str, bad[1:6])) if len(bad) > 1 else ''}) but {dataset} has "
+                        f"classes 0-{num_classes - 1} and ignore label {ignore_index}; is the mask from another "
+                        "dataset, or a colour image instead of class ids (run the prepare stage)?")
+
+
 class VOCLayoutSegmentation(Dataset):
     """Image/mask pairs of one split of a VOC-layout dataset.
 
     ``transform(image: PIL.Image, mask: np.ndarray) -> anything`` is applied to each pair; without
-    one, items are ``(PIL image, H x W uint8 mask)``.
+    one, items are ``(PIL image, H x W uint8 mask)``. Given ``num_classes``, a mask value that is
+    neither a class id nor ``ignore_index`` raises :class:`DataError` naming the file and the value.
     """
 
-    def __init__(self, root: str | Path, split: str, transform=None, ids: list[str] | None = None):
+    def __init__(self, root: str | Path, split: str, transform=None, ids: list[str] | None = None,
+                 num_classes: int | None = None, ignore_index: int = 255, dataset: str = "dataset"):
         self.root = Path(root)
+        # with num_classes, every mask value must be a class id or the ignore label
+        self.num_classes, self.ignore_index, self.dataset = num_classes, ignore_index, dataset
         self.split = split
         self.ids = list(ids) if ids is not None else read_split(self.root, split)
         aug = self.root / "SegmentationClassAug"
@@ -97,6 +119,8 @@ class VOCLayoutSegmentation(Dataset):
         if mask.shape != (image.height, image.width):
             raise DataError(f"mask {self.mask_path(index)} is {mask.shape[1]}x{mask.shape[0]} but its image "
                             f"{self.image_path(index)} is {image.width}x{image.height}")
+        if self.num_classes is not None:
+            check_mask_values(mask, self.num_classes, self.ignore_index, self.mask_path(index), self.dataset)
         if self.transform is not None:
             return self.transform(image, mask)
         return image, mask
@@ -123,3 +147,39 @@ class ResizePair:
         x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
         x = (x / 255.0 - self.mean) / self.std
         return x, torch.from_numpy(np.array(mask, dtype=np.uint8))
+
+
+class ADELayoutSegmentation(VOCLayoutSegmentation):
+    """Image/mask pairs of ADE20K SceneParsing as distributed; ids are the annotation files' stems."""
+
+    def __init__(self, root: str | Path, split: str, transform=None, ids: list[str] | None = None,
+                 num_classes: int | None = None, ignore_index: int = 0, dataset: str = "ade20k"):
+        root = Path(root)
+        mask_dir = root / "annotations" / split
+        if ids is None:
+            if not mask_dir.is_dir():
+                available = sorted(p.name for p in (root / "annotations").iterdir()) \
+                    if (root / "annotations").is_dir() else []
+                raise DataError(f"ADE20K split folder not found: {mask_dir}"
+                                + (f"; available: {', '.join(available)}" if available else
+                                   f"; is {root} the ADEChallengeData2016 folder (run the prepare stage first)?"))
+            ids = sorted(p.stem for p in mask_dir.glob("*.png"))
+            if not ids:
+                raise DataError(f"no masks (*.png) in {mask_dir}")
+        super().__init__(root, split, transform, ids, num_classes, ignore_index, dataset)
+        self.mask_dir = mask_dir
+
+    def image_path(self, index: int) -> Path:
+        return self.root / "images" / self.split / f"{self.ids[index]}.jpg"
+
+
+def segmentation_dataset(spec, root: str | Path, split: str, transform=None, ids: list[str] | None = None,
+                         check_values: bool = True):
+    """The dataset class of ``spec.layout`` for one split, checking mask values against the spec."""
+    checks = {"num_classes": spec.num_classes if check_values else None, "ignore_index": spec.ignore_index,
+              "dataset": spec.name}
+    if spec.layout == "ade":
+        return ADELayoutSegmentation(root, split, transform, ids, **checks)
+    if spec.layout == "voc":
+        return VOCLayoutSegmentation(root, split, transform, ids, **checks)
+    raise ValueError(f"dataset {spec.name} has layout {spec.layout!r}, which has no segmentation loader")

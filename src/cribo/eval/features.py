@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from cribo.config import provenance
 from cribo.data.registry import DatasetSpec
-from cribo.data.segmentation import ResizePair, VOCLayoutSegmentation
+from cribo.data.segmentation import ResizePair, segmentation_dataset
 from cribo.eval.incontext import patch_label_counts
 from cribo.models.backbones import PatchFeatureExtractor
 from cribo.train.sampling import sample_seed
@@ -97,7 +97,7 @@ class _PassesDataset(Dataset):
     """Item ``p * I + i``: image ``i`` of the split in pass ``p``, resized (and augmented if asked),
     with its resized mask and per-patch label counts (computed here, off the forward's critical path)."""
 
-    def __init__(self, base: VOCLayoutSegmentation, spec: DatasetSpec, image_size: int, patch_size: int,
+    def __init__(self, base, spec: DatasetSpec, image_size: int, patch_size: int,
                  passes: int, augment: bool, seed: int):
         self.base, self.spec, self.patch_size = base, spec, patch_size
         self.passes, self.augment, self.seed = passes, augment, seed
@@ -171,7 +171,7 @@ def _split_dataset(backbone, spec, root, split, image_size, passes, augment, see
     check_image_size(image_size, backbone.patch_size)
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
-    base = VOCLayoutSegmentation(root, split, transform=None, ids=ids)
+    base = segmentation_dataset(spec, root, split, transform=None, ids=ids)
     return _PassesDataset(base, spec, image_size, backbone.patch_size, passes, augment, seed)
 
 

@@ -5,7 +5,8 @@ training fraction, and reports the mean mIoU over evaluation seeds with its stan
 and the number of seeds. The same frame is written as CSV (for programs) and Markdown (for
 people), plus a flat ``metrics.json`` that DVC compares across experiments. Overclustering rows
 (``build_overcluster_table``) become ``overcluster.{csv,md}``, one line per (run, K), and linear-probe
-rows (``build_linear_table``) ``linear.{csv,md}``.
+rows (``build_linear_table``) ``linear.{csv,md}``, fine-tuning rows (``build_finetune_table``)
+``finetune.{csv,md}``.
 """
 
 from __future__ import annotations
@@ -84,38 +85,53 @@ def build_overcluster_table(rows: list[dict]) -> pd.DataFrame:
 
 
 LINEAR_COLUMNS = ["experiment", "run_name", "run_id", "method", "arch", "dataset", "protocol_name", "image_size",
-                  "mask_size", "epochs"]
+                  "mask_size", "epochs", "iterations"]
+FINETUNE_COLUMNS = ["experiment", "run_name", "run_id", "method", "arch", "dataset", "decoder", "image_size",
+                    "iterations", "lr", "layer_decay"]
 
 
 def build_linear_table(rows: list[dict]) -> pd.DataFrame:
-    """One line per linear-probe row: mIoU (identity mapping) and the protocol's settings."""
-    rows = [r for r in rows if r.get("protocol") == "linear"]
-    columns = LINEAR_COLUMNS + ["miou", "pixel_accuracy"]
+    """One line per linear-probe row: mIoU (identity mapping) and the protocol's settings
+    (``epochs`` for leopart, ``iterations`` for mmseg; the other is empty)."""
+    return _segmentation_table(rows, "linear", LINEAR_COLUMNS)
+
+
+def build_finetune_table(rows: list[dict]) -> pd.DataFrame:
+    """One line per fine-tuning row: mIoU (identity mapping), decoder and schedule."""
+    return _segmentation_table(rows, "finetune", FINETUNE_COLUMNS)
+
+
+def _segmentation_table(rows: list[dict], protocol: str, settings: list[str]) -> pd.DataFrame:
+    rows = [r for r in rows if r.get("protocol") == protocol]
+    columns = settings + ["miou", "pixel_accuracy"]
     if not rows:
         return pd.DataFrame(columns=columns)
     frame = pd.DataFrame(rows)
     for col in columns:
         if col not in frame:
             frame[col] = None
-    table = frame[columns].sort_values(["experiment", "run_name", "dataset"]).reset_index(drop=True)
+    order = ["experiment", "run_name", "dataset", settings[6]]
+    table = frame[columns].sort_values(order).reset_index(drop=True)
     return table.round({"miou": 2, "pixel_accuracy": 2})
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    table = table.copy()
-    if "fraction" in table:  # 0.125 must not print as 0.12
-        table["fraction"] = table["fraction"].map(lambda f: f"{f:g}" if isinstance(f, float) else str(f))
+    """Markdown of ``table``: metrics (``miou*``, ``pixel_accuracy``, ``*_std``) with 2 decimals,
+    settings in their shortest form (56, 0.001, 0.125), missing cells as ``-``."""
     header = "| " + " | ".join(table.columns) + " |"
     rule = "|" + "|".join("---" for _ in table.columns) + "|"
     lines = [header, rule]
+    metric = [c.startswith(("miou", "pixel_accuracy")) or c.endswith("_std") for c in table.columns]
     for values in table.itertuples(index=False):
-        lines.append("| " + " | ".join(_fmt(v) for v in values) + " |")
+        lines.append("| " + " | ".join(_fmt(v, m) for v, m in zip(values, metric)) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _fmt(value) -> str:
+def _fmt(value, metric: bool = False) -> str:
     if isinstance(value, float):
-        return f"{value:.2f}" if value == value else "-"
+        if value != value:
+            return "-"
+        return f"{value:.2f}" if metric else f"{value:g}"
     return str(value)
 
 
@@ -129,6 +145,9 @@ def write_tables(row_paths: list[str | Path], out_dir: str | Path) -> dict[str, 
     linear = build_linear_table(rows)
     atomic_write_text(out_dir / "linear.csv", linear.to_csv(index=False))
     atomic_write_text(out_dir / "linear.md", to_markdown(linear))
+    finetune = build_finetune_table(rows)
+    atomic_write_text(out_dir / "finetune.csv", finetune.to_csv(index=False))
+    atomic_write_text(out_dir / "finetune.md", to_markdown(finetune))
     csv_path, md_path, metrics_path = (out_dir / "incontext.csv", out_dir / "incontext.md",
                                        out_dir / "metrics.json")
     atomic_write_text(csv_path, table.to_csv(index=False))
@@ -140,6 +159,9 @@ def write_tables(row_paths: list[str | Path], out_dir: str | Path) -> dict[str, 
     for r in linear.itertuples(index=False):
         metrics.setdefault("linear_miou", {}).setdefault(r.experiment, {}).setdefault(
             r.run_name, {})[f"{r.dataset}_{r.protocol_name}"] = r.miou
+    for r in finetune.itertuples(index=False):
+        metrics.setdefault("finetune_miou", {}).setdefault(r.experiment, {}).setdefault(
+            r.run_name, {})[f"{r.dataset}_{r.decoder}"] = r.miou
     for r in overclusters.itertuples(index=False):
         metrics.setdefault("overcluster_miou", {}).setdefault(r.experiment, {}).setdefault(
             r.run_name, {})[f"{r.dataset}_k{r.clusters}"] = r.miou

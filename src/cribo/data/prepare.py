@@ -1,0 +1,282 @@
+"""Prepare downloaded archives into the layouts the loaders read.
+
+Input: each archive of :data:`cribo.data.registry.ARCHIVES` extracted into its own folder,
+``RAW/<archive name>/`` (what ``cribo data download`` does). Output: one folder per dataset.
+
+- ``voc``: Pascal VOC 2012 with the 10,582-image ``trainaug`` split: ``SegmentationClassAug/`` holds
+  the VOC mask where VOC has one and SBD's ``cls/<id>.mat`` (``GTcls.Segmentation``, read with scipy)
+  otherwise; ``trainaug`` = (SBD train + SBD val + VOC train) - VOC val. Images and the original
+  masks are linked, not copied.
+- ``ade20k``: ADEChallengeData2016 as is (linked); images and annotations are checked to pair up.
+- ``coco-stuff15`` / ``coco-things12`` / ``coco-stuff171``: masks written as single-channel PNGs by
+  :mod:`cribo.data.coco`, images linked, in the VOC layout (``train`` / ``val`` lists).
+- ``coco``: train2017 + val2017 images linked into one folder of unlabelled images (pretraining).
+
+Every output file is written under a temporary name and renamed, existing outputs are kept (a
+killed preparation resumes), and ``.prepared.json`` (counts, seconds) is written last: its
+presence is the completion marker the DAG waits for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from cribo.data import coco
+from cribo.data.segmentation import DataError
+
+MARKER = ".prepared.json"
+
+
+def is_prepared(out: str | Path) -> bool:
+    return (Path(out) / MARKER).is_file()
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise DataError(f"{what} not found: {path} (run `cribo data download` first, or check --raw)")
+    return path
+
+
+def _link(target: Path, link: Path) -> None:
+    """Relative symlink ``link -> target`` (replaced if it points elsewhere)."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    rel = os.path.relpath(target, link.parent)
+    if link.is_symlink():
+        if os.readlink(link) == rel:
+            return
+        link.unlink()
+    tmp = link.with_name(link.name + ".tmp-link")
+    if tmp.is_symlink():
+        tmp.unlink()
+    os.symlink(rel, tmp)
+    os.replace(tmp, link)
+
+
+def _save_mask(mask: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp.png")
+    Image.fromarray(mask.astype(np.uint8), mode="L").save(tmp)
+    os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _finish(out: Path, started: float, **counts) -> dict:
+    info = {**counts, "seconds": round(time.time() - started, 3)}
+    _write_text(out / MARKER, json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def _map(fn, items: list, workers: int, desc: str, progress: bool) -> list:
+    """``fn`` over ``items`` in ``workers`` processes (in this process when 1), with a progress bar."""
+    bar = dict(desc=desc, total=len(items), disable=not progress, file=sys.stdout, mininterval=5)
+    if workers <= 1 or len(items) < 64:
+        return [fn(item) for item in tqdm(items, **bar)]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(tqdm(pool.map(fn, items, chunksize=64), **bar))
+
+
+# ---------------------------------------------------------------- Pascal VOC + SBD
+
+
+def _sbd_mask(mat_path: Path) -> np.ndarray:
+    from scipy.io import loadmat
+
+    try:
+        return np.asarray(loadmat(mat_path)["GTcls"][0]["Segmentation"][0], dtype=np.uint8)
+    except (OSError, KeyError, IndexError, ValueError) as err:
+        raise DataError(f"cannot read the SBD mask {mat_path} ({err})") from err
+
+
+def _voc_trainaug_one(item, voc: Path, sbd: Path, out: Path) -> str:
+    image_id, = item
+    dest = out / "SegmentationClassAug" / f"{image_id}.png"
+    if dest.is_file():
+        return "kept"
+    voc_mask = voc / "SegmentationClass" / f"{image_id}.png"
+    if voc_mask.is_file():
+        with Image.open(voc_mask) as img:
+            mask = np.array(img)  # palette indices are the class ids
+        source = "voc"
+    else:
+        mask = _sbd_mask(sbd / "cls" / f"{image_id}.mat")
+        source = "sbd"
+    _save_mask(mask, dest)
+    return source
+
+
+def prepare_voc(raw: Path, out: Path, workers: int = 1, progress: bool = True) -> dict:
+    started = time.time()
+    voc = _need(raw / "voc2012" / "VOCdevkit" / "VOC2012", "Pascal VOC 2012 folder")
+    sbd = _need(raw / "sbd" / "benchmark_RELEASE" / "dataset", "SBD folder")
+    sets = voc / "ImageSets" / "Segmentation"
+
+    def ids(path: Path) -> list[str]:
+        return [line.strip() for line in _need(path, "split list").read_text().splitlines() if line.strip()]
+
+    voc_train, voc_val = ids(sets / "train.txt"), ids(sets / "val.txt")
+    sbd_ids = ids(sbd / "train.txt") + ids(sbd / "val.txt")
+    trainaug = sorted(set(sbd_ids + voc_train) - set(voc_val))
+    out.mkdir(parents=True, exist_ok=True)
+    _link(voc / "JPEGImages", out / "JPEGImages")
+    _link(voc / "SegmentationClass", out / "SegmentationClass")
+    (out / "SegmentationClassAug").mkdir(exist_ok=True)
+    sources = _map(partial(_voc_trainaug_one, voc=voc, sbd=sbd, out=out), [(i,) for i in trainaug], workers,
+                   "voc trainaug masks", progress)
+    for split, split_ids in (("train", voc_train), ("val", voc_val), ("trainaug", trainaug)):
+        _write_text(out / "ImageSets" / "Segmentation" / f"{split}.txt", "\n".join(split_ids) + "\n")
+    _write_text(out / "meta.json", json.dumps({"classes": list(_voc_classes())}, indent=1) + "\n")
+    return _finish(out, started, trainaug=len(trainaug), val=len(voc_val), from_voc=sources.count("voc"),
+                   from_sbd=sources.count("sbd"))
+
+
+def _voc_classes():
+    from cribo.data.registry import VOC_CLASSES
+
+    return VOC_CLASSES
+
+
+# ---------------------------------------------------------------- ADE20K
+
+
+def prepare_ade(raw: Path, out: Path, workers: int = 1, progress: bool = True) -> dict:
+    started = time.time()
+    root = _need(raw / "ade20k" / "ADEChallengeData2016", "ADEChallengeData2016 folder")
+    counts = {}
+    for split in ("training", "validation"):
+        images = {p.stem for p in _need(root / "images" / split, "ADE20K images").glob("*.jpg")}
+        masks = {p.stem for p in _need(root / "annotations" / split, "ADE20K annotations").glob("*.png")}
+        if images != masks:
+            missing = sorted(images ^ masks)[:5]
+            raise DataError(f"ADE20K {split}: {len(images)} images but {len(masks)} masks; unpaired: {missing}")
+        counts[split] = len(images)
+    if out.is_symlink() or not out.exists():
+        _link(root, out)
+    return _finish(root, started, **counts)
+
+
+# ---------------------------------------------------------------- COCO
+
+
+def _extract_inner_zip(archive: Path, dest_parent: Path, progress: bool) -> Path:
+    """The annotation archives hold their PNGs in an inner zip; extract it once (safely)."""
+    from cribo.data.extract import extract
+
+    dest = dest_parent / archive.stem
+    if not (dest / ".extracted").is_file():
+        extract(archive, dest_parent / (archive.stem + ".unzipped"), progress=progress)
+        inner = dest_parent / (archive.stem + ".unzipped")
+        # the zip holds one top folder named like the archive; move it into place
+        top = inner / archive.stem if (inner / archive.stem).is_dir() else inner
+        if dest.exists():
+            import shutil
+
+            shutil.rmtree(dest)
+        os.replace(top, dest)
+        if inner.exists():
+            inner.rmdir()
+        (dest / ".extracted").write_text("")
+    return dest
+
+
+def _coco_one(item, variant: str, out: Path, table) -> str:
+    name, image_path, source = item
+    dest = out / "SegmentationClass" / f"{name}.png"
+    _link(Path(image_path), out / "JPEGImages" / f"{name}.jpg")
+    if dest.is_file():
+        return name
+    if variant == "coco-things12":
+        png, segments = source
+        with Image.open(png) as img:
+            mask = coco.things12_mask(np.asarray(img.convert("RGB")), segments, table)
+    else:
+        with Image.open(source) as img:
+            values = np.asarray(img)
+        if values.ndim != 2:
+            raise DataError(f"{source} is not a single-channel label map (mode {img.mode})")
+        mask = table[values]
+    _save_mask(mask, dest)
+    return name
+
+
+def prepare_coco(raw: Path, out: Path, variant: str, workers: int = 1, progress: bool = True) -> dict:
+    started = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split in ("train", "val"):
+        images_dir = _need(raw / f"coco_{split}2017" / f"{split}2017", f"COCO {split}2017 images")
+        if variant == "coco-stuff15":
+            ann = raw / "coco_stuff_annotations" / "annotations"
+            categories = json.loads(_need(ann / "stuff_val2017.json", "COCO stuff annotations").read_text())["categories"]
+            table = coco.stuff15_lut(categories)
+            maps = _extract_inner_zip(_need(ann / f"stuff_{split}2017_pixelmaps.zip", "stuff pixel maps"), ann,
+                                      progress)
+            items = [(p.stem, str(images_dir / f"{p.stem}.jpg"), str(p)) for p in sorted(maps.glob("*.png"))]
+        elif variant == "coco-stuff171":
+            maps = _need(raw / "coco_stuffthingmaps" / f"{split}2017", "COCO stuffthingmaps")
+            table = coco.stuff171_lut()
+            items = [(p.stem, str(images_dir / f"{p.stem}.jpg"), str(p)) for p in sorted(maps.glob("*.png"))]
+        elif variant == "coco-things12":
+            ann = raw / "coco_panoptic_annotations" / "annotations"
+            panoptic = json.loads(_need(ann / f"panoptic_{split}2017.json", "COCO panoptic annotations").read_text())
+            table = coco.things12_map(panoptic["categories"])
+            pngs = _extract_inner_zip(_need(ann / f"panoptic_{split}2017.zip", "panoptic PNGs"), ann, progress)
+            items = [(Path(a["file_name"]).stem, str(images_dir / f"{Path(a['file_name']).stem}.jpg"),
+                      (str(pngs / a["file_name"]), a["segments_info"])) for a in panoptic["annotations"]]
+        else:
+            raise ValueError(f"unknown COCO variant {variant!r}")
+        missing = [i[1] for i in items if not Path(i[1]).is_file()]
+        if missing:
+            raise DataError(f"{len(missing)} images of the {variant} {split} masks are missing, e.g. {missing[0]}")
+        (out / "SegmentationClass").mkdir(exist_ok=True)
+        names = _map(partial(_coco_one, variant=variant, out=out, table=table), items, workers,
+                     f"{variant} {split}", progress)
+        _write_text(out / "ImageSets" / "Segmentation" / f"{split}.txt", "\n".join(sorted(names)) + "\n")
+        counts[split] = len(names)
+    classes = {"coco-stuff15": coco.STUFF15_CLASSES, "coco-things12": coco.THINGS12_CLASSES}.get(variant)
+    if classes:
+        _write_text(out / "meta.json", json.dumps({"classes": list(classes)}, indent=1) + "\n")
+    return _finish(out, started, **counts)
+
+
+def prepare_coco_images(raw: Path, out: Path, workers: int = 1, progress: bool = True) -> dict:
+    """COCO train2017 + val2017 as one folder of unlabelled images (links), for pretraining."""
+    started = time.time()
+    counts = {}
+    for split in ("train", "val"):
+        images_dir = _need(raw / f"coco_{split}2017" / f"{split}2017", f"COCO {split}2017 images")
+        _link(images_dir, out / f"{split}2017")
+        counts[split] = sum(1 for _ in images_dir.glob("*.jpg"))
+    return _finish(out, started, **counts)
+
+
+def prepare(name: str, raw: str | Path, out: str | Path, workers: int = 1, progress: bool = True,
+            force: bool = False) -> dict:
+    """Prepare dataset ``name`` from the archives extracted under ``raw`` into ``out``."""
+    raw, out = Path(raw), Path(out)
+    if is_prepared(out) and not force:
+        return json.loads((out / MARKER).read_text())
+    if name == "voc":
+        return prepare_voc(raw, out, workers, progress)
+    if name == "ade20k":
+        return prepare_ade(raw, out, workers, progress)
+    if name in ("coco-stuff15", "coco-things12", "coco-stuff171"):
+        return prepare_coco(raw, out, name, workers, progress)
+    if name == "coco":
+        return prepare_coco_images(raw, out, workers, progress)
+    raise ValueError(f"no prepare step for {name!r}; preparable: voc, ade20k, coco, coco-stuff15, coco-things12, "
+                     "coco-stuff171 (imagenet and cityscapes are user-provided: `cribo data check`)")

@@ -216,9 +216,24 @@ def test_coco_variants_masks_equal_hand_computed(tmp_path, monkeypatch):
         image, mask = segmentation_dataset(spec, out, "val")[0]  # linked image, mask values checked
         assert image.size == (4, 2)
     assert get_spec("coco-stuff15", tmp_path / "coco-stuff15").class_names[11] == "textile"
-    # the unlabelled image set for pretraining
+    # the unlabelled image set for pretraining: the linked train2017 folder is walked through the link
+    from cribo.data.images import UnlabeledImages, list_pretrain_images
+
     prepare("coco", raw, tmp_path / "coco", progress=False)
-    assert (tmp_path / "coco/train2017/000000000001.jpg").is_file()
+    paths = list_pretrain_images(tmp_path / "coco" / "train2017", None)
+    assert [p.name for p in paths] == ["000000000001.jpg"] and UnlabeledImages(paths)[0].size == (4, 2)
+
+
+def test_imagenet_folder_is_a_pretraining_image_set(tmp_path):
+    from cribo.data.images import list_pretrain_images
+
+    for wnid, count in (("n01440764", 2), ("n01443537", 1)):
+        (tmp_path / "train" / wnid).mkdir(parents=True)
+        for i in range(count):
+            (tmp_path / "train" / wnid / f"{wnid}_{i}.JPEG").write_bytes(_jpeg())
+    (tmp_path / "train" / "LOC_synset_mapping.txt").write_text("not an image")
+    paths = list_pretrain_images(tmp_path / "train", None)
+    assert [p.parent.name for p in paths] == ["n01440764", "n01440764", "n01443537"]
 
 
 def test_label_maps_follow_the_definitions():
@@ -273,3 +288,15 @@ def test_cityscapes_check_names_a_missing_mask(tmp_path):
         check_cityscapes(tmp_path, expect_counts=False)
     (tmp_path / "gtFine/val/aachen/aachen_1_gtFine_labelIds.png").write_bytes(b"")
     assert check_cityscapes(tmp_path, expect_counts=False) == {"train": 1, "val": 1}
+
+
+def test_cli_data_errors_exit_non_zero_with_the_fix(tmp_path, capsys):
+    from cribo.cli import main
+
+    assert main(["data", "download", "imagenet", "--downloads", str(tmp_path), "--raw", str(tmp_path)]) == 2
+    assert "licence or login" in capsys.readouterr().err
+    assert main(["data", "check", "imagenet", "--root", str(tmp_path / "nope")]) == 2
+    assert "ImageNet root not found" in capsys.readouterr().err
+    assert main(["data", "prepare", "voc", "--raw", str(tmp_path), "--out", str(tmp_path / "voc")]) == 2
+    assert "run `cribo data download` first" in capsys.readouterr().err
+    assert not (tmp_path / "voc" / ".prepared.json").exists()

@@ -95,3 +95,23 @@ def test_new_dataset_gives_new_feature_paths_even_for_data_independent_runs(tmp_
     a = feature_dirs(_workdir(tmp_path / "a"))
     b = feature_dirs(_workdir(tmp_path / "b", dataset__toyscenes__num_train=300))
     assert a and b and not a & b
+
+
+def test_dataset_stages_plan_downloads_then_prepare(tmp_path):
+    # not in the default target: asked for by their marker, they plan one download per archive
+    out = _snakemake(_workdir(tmp_path), "-n", "resources/coco-things12/.prepared.json",
+                     "resources/checked/imagenet.json")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout + out.stderr
+    for rule, count in (("download_archive", 3), ("prepare_dataset", 1), ("check_user_dataset", 1)):
+        assert any(line.split() == [rule, str(count)] for line in text.splitlines()), (rule, text[-2000:])
+    assert "cribo data prepare coco-things12 --raw resources/raw --out resources/coco-things12" in text
+
+
+def test_real_dataset_config_waits_for_the_prepared_marker(tmp_path):
+    workdir = _workdir(tmp_path, dataset__name="voc", dataset__root="resources/voc")
+    out = _snakemake(workdir, "-n")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout + out.stderr
+    assert any(line.split() == ["prepare_dataset", "1"] for line in text.splitlines()), text[-2000:]
+    assert any(line.split() == ["download_archive", "2"] for line in text.splitlines()), text[-2000:]

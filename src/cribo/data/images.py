@@ -1,13 +1,16 @@
 """Unlabelled image sets for pretraining.
 
 Pretraining reads only images: the ids of one split of a VOC-layout dataset (the toy scenes, or
-any prepared dataset), or every image file under a folder. A corrupt image raises a
+any prepared dataset), or every image file under a folder, searched recursively: COCO's
+``train2017/`` (``cribo data prepare coco`` links it as ``resources/coco/train2017``), ImageNet's
+``train/`` (an ImageFolder: class folders of JPEGs; the labels are never read), or any folder. A corrupt image raises a
 :class:`~cribo.data.segmentation.DataError` naming the file instead of killing a worker with a
 bare PIL traceback.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -25,7 +28,9 @@ def list_pretrain_images(root: str | Path, split: str | None) -> list[Path]:
         raise DataError(f"dataset folder not found: {root}")
     if (root / "ImageSets" / "Segmentation").is_dir() and split:
         return [root / "JPEGImages" / f"{i}.jpg" for i in read_split(root, split)]
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    # os.walk follows symlinked folders (prepared datasets link train2017/ etc.), rglob does not
+    paths = sorted(Path(folder) / name for folder, _, names in os.walk(root, followlinks=True)
+                   for name in names if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES)
     if not paths:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}")
     return paths

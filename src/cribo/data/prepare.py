@@ -178,6 +178,7 @@ def _extract_inner_zip(archive: Path, dest_parent: Path, progress: bool) -> Path
 
     dest = dest_parent / archive.stem
     if not (dest / ".extracted").is_file():
+        _need(archive, "inner archive")
         extract(archive, dest_parent / (archive.stem + ".unzipped"), progress=progress)
         inner = dest_parent / (archive.stem + ".unzipped")
         # the zip holds one top folder named like the archive; move it into place
@@ -223,8 +224,7 @@ def prepare_coco(raw: Path, out: Path, variant: str, workers: int = 1, progress:
             ann = raw / "coco_stuff_annotations" / "annotations"
             categories = json.loads(_need(ann / "stuff_val2017.json", "COCO stuff annotations").read_text())["categories"]
             table = coco.stuff15_lut(categories)
-            maps = _extract_inner_zip(_need(ann / f"stuff_{split}2017_pixelmaps.zip", "stuff pixel maps"), ann,
-                                      progress)
+            maps = _extract_inner_zip(ann / f"stuff_{split}2017_pixelmaps.zip", ann, progress)
             items = [(p.stem, str(images_dir / f"{p.stem}.jpg"), str(p)) for p in sorted(maps.glob("*.png"))]
         elif variant == "coco-stuff171":
             maps = _need(raw / "coco_stuffthingmaps" / f"{split}2017", "COCO stuffthingmaps")
@@ -234,7 +234,7 @@ def prepare_coco(raw: Path, out: Path, variant: str, workers: int = 1, progress:
             ann = raw / "coco_panoptic_annotations" / "annotations"
             panoptic = json.loads(_need(ann / f"panoptic_{split}2017.json", "COCO panoptic annotations").read_text())
             table = coco.things12_map(panoptic["categories"])
-            pngs = _extract_inner_zip(_need(ann / f"panoptic_{split}2017.zip", "panoptic PNGs"), ann, progress)
+            pngs = _extract_inner_zip(ann / f"panoptic_{split}2017.zip", ann, progress)
             items = [(Path(a["file_name"]).stem, str(images_dir / f"{Path(a['file_name']).stem}.jpg"),
                       (str(pngs / a["file_name"]), a["segments_info"])) for a in panoptic["annotations"]]
         else:

@@ -115,3 +115,15 @@ def test_real_dataset_config_waits_for_the_prepared_marker(tmp_path):
     text = out.stdout + out.stderr
     assert any(line.split() == ["prepare_dataset", "1"] for line in text.splitlines()), text[-2000:]
     assert any(line.split() == ["download_archive", "2"] for line in text.splitlines()), text[-2000:]
+
+
+def test_pretraining_on_coco_waits_for_the_coco_images(tmp_path):
+    coco = {"data": {"dataset": "coco", "root": "resources/coco/train2017", "split": None}}
+    workdir = _workdir(tmp_path, dataset__name="voc", dataset__root="resources/voc",
+                       runs={"dino": {"method": "dino", **coco}, "random": {"method": "random"}})
+    out = _snakemake(workdir, "-n")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout + out.stderr
+    # voc (VOC tar + SBD) and coco (train2017 + val2017): 4 archives, 2 prepared datasets
+    assert any(line.split() == ["download_archive", "4"] for line in text.splitlines()), text[-3000:]
+    assert any(line.split() == ["prepare_dataset", "2"] for line in text.splitlines()), text[-3000:]

@@ -73,6 +73,23 @@ def overcluster_rows():
             for rid in RUN_IDS.values() for k in OVERCLUSTER["clusters"]]
 
 
+def pretrain_data_input(wildcards):
+    """What a run's pretraining waits for: the evaluation dataset, or the prepared (or checked)
+    dataset its own ``data.root`` names (e.g. resources/coco/train2017 -> resources/coco/.prepared.json)."""
+    from cribo.data.registry import PREPARED
+
+    data = RUNS[RUN_NAME[wildcards.run_id]].get("data") or {}
+    root = str(data.get("root") or DATA_ROOT)
+    if root == DATA_ROOT:
+        return [DATA_INPUT]
+    parts = root.split("/")
+    if len(parts) >= 2 and parts[0] == "resources" and parts[1] in PREPARED:
+        return [f"resources/{parts[1]}/.prepared.json"]
+    if data.get("dataset") in ("imagenet", "cityscapes") and data["dataset"] in config.get("datasets", {}).get("roots", {}):
+        return [f"resources/checked/{data['dataset']}.json"]
+    return []  # a folder of the user's own: it must exist
+
+
 def linear_rows():
     return [f"results/{EXPERIMENT}/{rid}/eval/linear/{p}/{LINEAR_IDS[p]}.json"
             for rid in RUN_IDS.values() for p in LINEAR["protocols"]]

@@ -20,7 +20,7 @@ rule run_config:
 
 rule pretrain:
     input:
-        data=DATA_INPUT,
+        data=pretrain_data_input,
         cfg=f"{RUN_DIR}/pretrain/run.yaml",
     output:
         f"{RUN_DIR}/pretrain/summary.json",

@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
-#   make run    create .venv if needed, then run the whole DAG on the embedded default
+#   make run    create .venv if needed, then run the whole DAG on the embedded default and write
+#               the HTML report (results/report.html)
 #   make test   create .venv if needed, then run the test suite
 VENV   ?= .venv
 PYTHON ?= python3
@@ -7,7 +8,7 @@ CONFIG ?= config/config.yaml
 CORES  ?= all
 BIN     = $(VENV)/bin
 
-.PHONY: install run test dry-run clean-results slurm-test
+.PHONY: install run report test dry-run clean-results slurm-test
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,11 @@ install: $(BIN)/.installed
 
 run: install
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --configfile $(CONFIG) --report results/report.html
+
+# the HTML report of what the DAG produced (tables, curves, figures), without running anything
+report: install
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --configfile $(CONFIG) --report results/report.html
 
 dry-run: install
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake -n --configfile $(CONFIG)

@@ -12,6 +12,9 @@ configfile: "config/config.yaml"
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/datasets.smk"
@@ -34,4 +37,5 @@ rule all:
     input:
         rules.table.output,
         rules.training_curves.output,
-        expand(f"results/{EXPERIMENT}/{{run_id}}/figures/{INCONTEXT_ID}", run_id=RUN_IDS.values()),
+        expand(f"results/{EXPERIMENT}/{{run_id}}/figures/{INCONTEXT_ID}", run_id=RUN_IDS.values())
+        if config["evaluate"]["figures"] else [],

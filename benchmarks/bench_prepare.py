@@ -83,6 +83,28 @@ def _mask_bytes(out: Path) -> float:
     return statistics.mean(sizes)
 
 
+def _bench_extract(raw: Path, tmp: Path, repeats: int) -> None:
+    """Safe extraction rate of a zip of the synthetic JPEGs, projected to the big archives."""
+    import zipfile
+
+    from cribo.data.extract import extract
+
+    archive = tmp / "train2017.zip"
+    with zipfile.ZipFile(archive, "w") as z:  # JPEGs are stored, as in COCO's zips
+        for p in sorted((raw / "coco_train2017" / "train2017").glob("*.jpg")):
+            z.write(p, f"train2017/{p.name}")
+    times = []
+    for r in range(repeats):
+        start = time.perf_counter()
+        extract(archive, tmp / f"x{r}")
+        times.append(time.perf_counter() - start)
+    rate = archive.stat().st_size / statistics.median(times) / 1e6
+    projections = ", ".join(f"{ARCHIVES[a].filename} {ARCHIVES[a].approx_bytes / 1e6 / rate / 60:.1f} min"
+                            for a in ("coco_train2017", "voc2012", "ade20k"))
+    print(f"[extract] {archive.stat().st_size / 1e6:.1f} MB zip: {rate:.0f} MB/s (one process, median of "
+          f"{repeats}); projected (this disk): {projections}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=200)
@@ -92,6 +114,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw"
         _build(raw, args.images)
+        _bench_extract(raw, Path(tmp), args.repeats)
         for variant, real in REAL_COUNTS.items():
             images = args.images + (max(1, args.images // 10) if variant != "voc" else 0)
             rates = {}

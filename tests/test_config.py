@@ -62,9 +62,9 @@ def test_baseline_run_ids_do_not_depend_on_dino_settings():
 def test_embedded_default_resolves(tmp_path):
     cfg = load_yaml("config/config.yaml")
     runs = resolve_runs(cfg)
-    assert set(runs) == {"random", "pixels", "dino", "cribo"}
+    assert set(runs) == {"random", "pixels", "dino", "cribo", "cribo~cribo.cycle_check=false"}
     assert runs["dino"]["data"]["root"].startswith("resources/toyscenes-")
-    assert len({run_id(r) for r in runs.values()}) == 4
+    assert len({run_id(r) for r in runs.values()}) == 5
 
 
 def test_unreadable_config_names_the_file(tmp_path):
@@ -92,3 +92,24 @@ def test_released_run_configs_validate_with_their_published_settings(name, arch,
     assert cfg["cribo"]["queue_size"] == 25000 and cfg["dino"]["out_dim"] == cfg["cribo"]["object_out_dim"] == 65536
     gpus = 16 if arch == "vit_base" else 8
     assert cfg["optim"]["batch_size"] * gpus == total_batch and cfg["optim"]["epochs"] == epochs
+
+
+def test_ablation_grid_expands_one_setting_at_a_time():
+    from cribo.config import ConfigError, resolve_runs, run_id
+
+    cfg = {"dataset": {"name": "toyscenes", "root": "resources/toyscenes"}, "pretrain": {"optim": {"epochs": 3}},
+           "runs": {"cribo": {"method": "cribo", "cribo": {"num_clusters": 8}}, "dino": {"method": "dino"}},
+           "ablations": {"base": "cribo", "grid": {"cribo.num_clusters": [4, 16], "cribo.cycle_check": [False]}}}
+    runs = resolve_runs(cfg)
+    assert set(runs) == {"cribo", "dino", "cribo~cribo.num_clusters=4", "cribo~cribo.num_clusters=16",
+                         "cribo~cribo.cycle_check=false"}
+    ablated = runs["cribo~cribo.cycle_check=false"]
+    # only the ablated setting differs from the base run; the base's own override and shared settings stay
+    assert ablated["cribo"]["cycle_check"] is False and ablated["cribo"]["num_clusters"] == 8
+    assert ablated["optim"]["epochs"] == 3 and runs["cribo"]["cribo"]["cycle_check"] is True
+    assert runs["cribo~cribo.num_clusters=16"]["cribo"]["num_clusters"] == 16
+    assert len({run_id(c) for c in runs.values()}) == 5
+    with pytest.raises(ConfigError, match="ablations.base 'crib'"):
+        resolve_runs({**cfg, "ablations": {"base": "crib", "grid": {"cribo.num_clusters": [4]}}})
+    with pytest.raises(ConfigError, match="num_cluster"):
+        resolve_runs({**cfg, "ablations": {"base": "cribo", "grid": {"cribo.num_cluster": [4]}}})

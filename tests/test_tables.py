@@ -109,3 +109,27 @@ def test_linear_and_finetune_tables_keep_their_protocols_apart(tmp_path):
     assert metrics["finetune_miou"]["toy"]["cribo"] == {"voc_linear": 68.0, "voc_mask": 70.0}
     assert metrics["linear_miou"]["toy"]["cribo"] == {"voc_leopart": 55.0, "voc_mmseg": 61.23}
     assert "| mask |" in (tmp_path / "tables" / "finetune.md").read_text()
+
+
+def test_ablation_table_compares_each_setting_with_the_base():
+    from cribo.results.tables import build_ablation_table
+
+    rows = [_row("cribo", 20.0, 0), _row("cribo", 22.0, 1),
+            _row("cribo~cribo.cycle_check=false", 18.0, 0), _row("cribo~cribo.cycle_check=false", 19.0, 1),
+            {"protocol": "linear", "experiment": "toy", "run_name": "cribo", "dataset": "toyscenes",
+             "protocol_name": "mmseg", "miou": 30.0},
+            {"protocol": "linear", "experiment": "toy", "run_name": "cribo~cribo.cycle_check=false",
+             "dataset": "toyscenes", "protocol_name": "mmseg", "miou": 31.5},
+            # an ablation metric the base lacks: base and change empty
+            {"protocol": "finetune", "experiment": "toy", "run_name": "cribo~cribo.cycle_check=false",
+             "dataset": "toyscenes", "decoder": "mask", "miou": 9.0},
+            _row("dino", 50.0, 0)]
+    table = build_ablation_table(rows, "cribo")
+    lines = {r["metric"]: r for r in table.to_dict("records")}
+    assert set(lines) == {"incontext toyscenes f=1", "linear toyscenes mmseg", "finetune toyscenes mask"}
+    assert lines["incontext toyscenes f=1"]["base"] == 21.0 and lines["incontext toyscenes f=1"]["ours"] == 18.5
+    assert lines["incontext toyscenes f=1"]["change"] == -2.5
+    assert lines["linear toyscenes mmseg"]["change"] == 1.5
+    assert pd.isna(lines["finetune toyscenes mask"]["base"]) and pd.isna(lines["finetune toyscenes mask"]["change"])
+    assert set(table.setting) == {"cribo.cycle_check=false"}
+    assert build_ablation_table(rows, "dino").empty

@@ -45,10 +45,10 @@ def test_dry_run_plans_every_stage_even_with_committed_tables(tmp_path):
     out = _snakemake(workdir, "-n")
     assert out.returncode == 0, out.stderr
     text = out.stdout + out.stderr
-    # ci.yaml: 4 runs; 2 splits each; fractions [1.0 (one seed), 0.25 (two seeds)] -> 3 rows per run;
-    # linear protocols leopart + mmseg and fine-tuning decoders mask + linear -> 2 rows each per run
-    for rule, count in (("download_toyscenes", 1), ("run_config", 4), ("pretrain", 4), ("extract", 8),
-                        ("eval_incontext", 12), ("eval_linear", 8), ("eval_finetune", 8), ("table", 1)):
+    # ci.yaml: 4 runs + 1 ablation of cribo; 2 splits each; fractions [1.0 (one seed), 0.25 (two seeds)]
+    # -> 3 rows per run; linear protocols leopart + mmseg -> 2 rows per run; one fine-tuning decoder (mask)
+    for rule, count in (("download_toyscenes", 1), ("run_config", 5), ("pretrain", 5), ("extract", 10),
+                        ("eval_incontext", 15), ("eval_linear", 10), ("eval_finetune", 5), ("table", 1)):
         assert any(line.split() == [rule, str(count)] for line in text.splitlines()), (rule, text[-2000:])
 
 
@@ -69,7 +69,7 @@ def test_run_config_typo_names_the_key_and_the_file(tmp_path):
 def test_failed_pretrain_leaves_no_completion_marker_and_no_table(tmp_path):
     # 8 training images cannot fill a batch of 32: the DINO run fails, the baselines succeed
     workdir = _workdir(tmp_path, dataset__toyscenes__num_train=8, dataset__toyscenes__num_val=4,
-                       runs={"random": {"method": "random"}, "dino": {"method": "dino"}})
+                       runs={"random": {"method": "random"}, "dino": {"method": "dino"}}, ablations={})
     out = _snakemake(workdir, "--cores", "2", "--keep-going")
     assert out.returncode != 0
     summaries = {p.parent.parent.name: p for p in workdir.glob("results/ci/*/pretrain/summary.json")}
@@ -120,7 +120,7 @@ def test_real_dataset_config_waits_for_the_prepared_marker(tmp_path):
 def test_pretraining_on_coco_waits_for_the_coco_images(tmp_path):
     coco = {"data": {"dataset": "coco", "root": "resources/coco/train2017", "split": None}}
     workdir = _workdir(tmp_path, dataset__name="voc", dataset__root="resources/voc",
-                       runs={"dino": {"method": "dino", **coco}, "random": {"method": "random"}})
+                       runs={"dino": {"method": "dino", **coco}, "random": {"method": "random"}}, ablations={})
     out = _snakemake(workdir, "-n")
     assert out.returncode == 0, out.stderr
     text = out.stdout + out.stderr

@@ -222,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     tb = sub.add_parser("table", help="build results tables (CSV + Markdown) from JSON rows")
     tb.add_argument("--rows", nargs="+", required=True, help="row files or folders searched recursively")
     tb.add_argument("--out", required=True, help="output folder, e.g. results/tables")
+    tb.add_argument("--ablation-base", default=None,
+                    help="base run of the ablation grid: ablations.{csv,md} compare the runs named <base>~<key>=<value> with it")
+    tb.add_argument("--paper", default=None,
+                    help="published numbers (config/paper_results.yaml): also write paper_<protocol>.{csv,md}")
 
     # ---- curves ----
     cu = sub.add_parser("curves", help="training curves of several runs as one TSV (one column per run), for dvc plots")
@@ -229,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run name and its pretrain folder (holding log_steps.jsonl)")
     cu.add_argument("--metric", default="loss", help="logged quantity to plot (default: loss)")
     cu.add_argument("--out", required=True, help="output TSV")
+    cu.add_argument("--png", default=None, help="also draw the curves into this PNG")
     return parser
 
 
@@ -569,17 +574,17 @@ def cmd_curves(args) -> None:
 
     runs = {}
     for item in args.runs:
-        name, sep, folder = item.partition("=")
+        name, sep, folder = item.rpartition("=")  # run names may hold "=" (ablations), folders do not
         if not sep or not name or not folder:
             raise ValueError(f"--runs {item!r}: expected NAME=PRETRAIN_DIR")
         runs[name] = folder
-    print(f"curves of {len(runs)} runs -> {write_curves(runs, args.out, args.metric)}")
+    print(f"curves of {len(runs)} runs -> {write_curves(runs, args.out, args.metric, png=args.png)}")
 
 
 def cmd_table(args) -> None:
     from cribo.results.tables import write_tables
 
-    paths = write_tables(args.rows, args.out)
+    paths = write_tables(args.rows, args.out, ablation_base=args.ablation_base, paper=args.paper)
     print(Path(paths["md"]).read_text(), end="")
 
 
@@ -594,11 +599,12 @@ def main(argv: list[str] | None = None) -> int:
     from cribo.data.registry import UnknownDatasetError
     from cribo.data.download import DownloadError
     from cribo.data.segmentation import DataError
+    from cribo.results.paper import PaperResultsError
     from cribo.results.tables import RowError
     from cribo.train.checkpoint import CheckpointLoadError
 
     user_errors = (ConfigError, UnknownDatasetError, DataError, RowError, CheckpointLoadError,
-                   FileNotFoundError, FileExistsError, KeyError, ValueError, DownloadError)
+                   FileNotFoundError, FileExistsError, KeyError, ValueError, DownloadError, PaperResultsError)
     try:
         COMMANDS[args.command](args)
     except user_errors as err:

@@ -165,6 +165,28 @@ def run_id(run_cfg: dict) -> str:
     return short_hash(artefact_settings(run_cfg))
 
 
+def ablation_runs(workflow_cfg: dict, source: str = "config/config.yaml") -> dict[str, dict]:
+    """The runs an ``ablations`` grid adds: ``{name: run override}``, one per (setting, value).
+
+    Each changes one setting of the base run (one at a time, as the paper's ablation tables do) and is
+    named ``<base>~<dotted key>=<value>``, e.g. ``cribo~cribo.cycle_check=false``.
+    """
+    spec = workflow_cfg.get("ablations") or {}
+    if not spec.get("grid"):
+        return {}
+    runs = workflow_cfg.get("runs") or {}
+    base = spec.get("base")
+    if base not in runs:
+        raise ConfigError(f"{source}: ablations.base {base!r} is not one of the runs ({', '.join(runs)})")
+    added = {}
+    for key, values in spec["grid"].items():
+        for value in values:
+            text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+            override = apply_overrides(runs[base] or {}, [f"{key}={text}"])
+            added[f"{base}~{key}={text}"] = override
+    return added
+
+
 def resolve_runs(workflow_cfg: dict, source: str = "config/config.yaml") -> dict[str, dict]:
     """Expand the workflow config's ``runs`` into full, validated run configs.
 
@@ -177,7 +199,7 @@ def resolve_runs(workflow_cfg: dict, source: str = "config/config.yaml") -> dict
         raise ConfigError(f"{source}: 'runs' is empty; declare at least one run, e.g. runs: {{dino: {{method: dino}}}}")
     data = {"dataset": workflow_cfg["dataset"]["name"], "root": dataset_root(workflow_cfg)}
     resolved = {}
-    for name, override in runs.items():
+    for name, override in {**runs, **ablation_runs(workflow_cfg, source)}.items():
         merged = deep_merge(shared, {"data": data})
         merged = deep_merge(merged, override or {})
         resolved[name] = validate_run_config(merged, f"{source} (runs.{name})")

@@ -26,7 +26,7 @@ start=$(date +%s)
 # The profile's resources are sized for a GPU cluster; this node has 2 CPUs and one fake GPU, so
 # the resources are scaled down here (on the command line, these replace the profile's maps).
 timeout -k 10 "$timeout_s" snakemake --workflow-profile profiles/slurm --configfile config/ci.yaml \
-  --config experiment=slurmci --jobs 2 --cores 2 \
+  --config experiment=slurmci "ablations={}" --jobs 2 --cores 2 \
   --default-resources mem_mb=3000 runtime=60 \
   --set-resources pretrain:gpu=1 pretrain:cpus_per_gpu=1 pretrain:mem_mb=4000 pretrain:runtime=60 \
   --set-threads pretrain=1 extract=1 eval_incontext=1 \

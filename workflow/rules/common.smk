@@ -28,6 +28,8 @@ OVERCLUSTER_ID = f"{FEATURES_ID}-{short_hash({k: OVERCLUSTER[k] for k in ('seeds
 LINEAR = EVAL["linear"]
 LINEAR_SIZE = LINEAR["image_size"] or EVAL["image_size"]
 DENSE = EVAL["dense"]
+ABLATION_BASE = (config.get("ablations") or {}).get("base") if (config.get("ablations") or {}).get("grid") else None
+PAPER_PROTOCOLS = ["incontext", "linear", "finetune", "overcluster"]
 FINETUNE = EVAL["finetune"]
 DATA_ID = f"{DATASET}-{short_hash(DATA_ROOT, 6)}"
 # one settings id per protocol: changing one protocol's settings leaves the others' rows valid

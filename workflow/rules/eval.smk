@@ -36,7 +36,9 @@ rule figures:
         train=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.train_split}-{MEMORY_PASSES}",
         val=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.val_split}-{QUERY_PASSES}",
     output:
-        directory(f"{RUN_DIR}/figures/{INCONTEXT_ID}"),
+        report(directory(f"{RUN_DIR}/figures/{INCONTEXT_ID}"), patterns=["{name}.png"],
+               caption="../report/figures.rst", category="3. Figures", subcategory="run {run_id}",
+               labels={"run id": "{run_id}", "figure": "{name}"}),
     log:
         f"logs/{{experiment}}/{{run_id}}/figures-{INCONTEXT_ID}.log",
     params:

@@ -45,10 +45,12 @@ rule training_curves:
     input:
         expand(f"results/{EXPERIMENT}/{{run_id}}/pretrain/summary.json", run_id=RUN_IDS.values()),
     output:
-        "results/tables/training_curves.tsv",
+        tsv="results/tables/training_curves.tsv",
+        png=report("results/tables/training_curves.png", caption="../report/training_curves.rst",
+                   category="2. Pretraining"),
     log:
         "logs/tables/training_curves.log",
     params:
         runs=lambda wc, input: [f"{RUN_NAME[p.split('/')[2]]}={os.path.dirname(p)}" for p in input],
     shell:
-        "cribo curves --runs {params.runs} --out {output} > {log} 2>&1"
+        "cribo curves --runs {params.runs:q} --out {output.tsv} --png {output.png} > {log} 2>&1"

@@ -3,19 +3,22 @@
 
 rule table:
     input:
-        incontext_rows(),
-        overcluster_rows(),
-        linear_rows(),
-        finetune_rows(),
+        rows=incontext_rows() + overcluster_rows() + linear_rows() + finetune_rows(),
+        paper="config/paper_results.yaml",
     output:
-        csv="results/tables/incontext.csv",
+        csv=report("results/tables/incontext.csv", caption="../report/incontext.rst", category="1. Tables", subcategory="in-context retrieval"),
         md="results/tables/incontext.md",
-        oc_csv="results/tables/overcluster.csv",
+        oc_csv=report("results/tables/overcluster.csv", caption="../report/overcluster.rst", category="1. Tables", subcategory="overclustering"),
         oc_md="results/tables/overcluster.md",
-        lin_csv="results/tables/linear.csv",
+        lin_csv=report("results/tables/linear.csv", caption="../report/linear.rst", category="1. Tables", subcategory="linear segmentation"),
         lin_md="results/tables/linear.md",
-        ft_csv="results/tables/finetune.csv",
+        ft_csv=report("results/tables/finetune.csv", caption="../report/finetune.rst", category="1. Tables", subcategory="fine-tuning"),
         ft_md="results/tables/finetune.md",
+        ab_csv=report("results/tables/ablations.csv", caption="../report/ablations.rst", category="1. Tables", subcategory="ablations"),
+        ab_md="results/tables/ablations.md",
+        paper_md=expand("results/tables/paper_{protocol}.md", protocol=PAPER_PROTOCOLS),
+        paper_csv=[report(f"results/tables/paper_{p}.csv", caption="../report/paper.rst", category="1. Tables",
+                          subcategory="paper comparison") for p in PAPER_PROTOCOLS],
         metrics="results/tables/metrics.json",
     log:
         "logs/tables/table.log",
@@ -23,5 +26,6 @@ rule table:
         "logs/benchmarks/tables/table.tsv"
     params:
         outdir=lambda wc, output: os.path.dirname(output.csv),
+        ablation=f"--ablation-base {ABLATION_BASE}" if ABLATION_BASE else "",
     shell:
-        "cribo table --rows {input} --out {params.outdir} > {log} 2>&1"
+        "cribo table --rows {input.rows} --out {params.outdir} --paper {input.paper} {params.ablation} > {log} 2>&1"

@@ -79,6 +79,8 @@ def make_row(protocol: str, result: dict, *, checkpoint: str | None, checkpoint_
         "method": cfg.get("method", "unknown"),
         "arch": cfg.get("model", {}).get("arch") if cfg.get("method") != "pixels" else "pixels",
         "patch_size": cfg.get("model", {}).get("patch_size"),
+        # what the backbone was pretrained on (None for an untrained one), matched against paper tables
+        "pretrain_data": (cfg.get("data") or {}).get("dataset") if cfg.get("method") != "random" else None,
         "dataset": dataset,
         "split": split,
         **result,

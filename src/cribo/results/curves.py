@@ -35,7 +35,38 @@ def training_curves(runs: dict[str, str | Path], metric: str = "loss") -> pd.Dat
     return pd.DataFrame(columns).rename_axis("step")
 
 
-def write_curves(runs: dict[str, str | Path], out: str | Path, metric: str = "loss") -> Path:
+def write_curves(runs: dict[str, str | Path], out: str | Path, metric: str = "loss",
+                 png: str | Path | None = None) -> Path:
     frame = training_curves(runs, metric)
     atomic_write_text(out, frame.to_csv(sep="\t"))
+    if png is not None:
+        plot_curves(frame, png, metric)
     return Path(out)
+
+
+def plot_curves(frame: pd.DataFrame, png: str | Path, metric: str = "loss") -> Path:
+    """One line per run (``frame``: step x runs), written atomically as a PNG."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for name in frame.columns:
+        series = frame[name].dropna()
+        ax.plot(series.index, series.values, label=name, linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.set_title(f"pretraining {metric} per step")
+    if len(frame.columns):
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png = Path(png)
+    tmp = png.with_name(png.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return png

@@ -115,13 +115,17 @@ def _segmentation_table(rows: list[dict], protocol: str, settings: list[str]) ->
     return table.round({"miou": 2, "pixel_accuracy": 2})
 
 
+METRIC_COLUMNS = {"ours", "paper", "delta", "base", "change"}
+
+
 def to_markdown(table: pd.DataFrame) -> str:
-    """Markdown of ``table``: metrics (``miou*``, ``pixel_accuracy``, ``*_std``) with 2 decimals,
+    """Markdown of ``table``: metrics (``miou*``, ``pixel_accuracy``, ``*_std``, ``ours``, ``paper``, ``delta``) with 2 decimals,
     settings in their shortest form (56, 0.001, 0.125), missing cells as ``-``."""
     header = "| " + " | ".join(table.columns) + " |"
     rule = "|" + "|".join("---" for _ in table.columns) + "|"
     lines = [header, rule]
-    metric = [c.startswith(("miou", "pixel_accuracy")) or c.endswith("_std") for c in table.columns]
+    metric = [c.startswith(("miou", "pixel_accuracy")) or c.endswith("_std") or c in METRIC_COLUMNS
+              for c in table.columns]
     for values in table.itertuples(index=False):
         lines.append("| " + " | ".join(_fmt(v, m) for v, m in zip(values, metric)) + " |")
     return "\n".join(lines) + "\n"
@@ -135,7 +139,50 @@ def _fmt(value, metric: bool = False) -> str:
     return str(value)
 
 
-def write_tables(row_paths: list[str | Path], out_dir: str | Path) -> dict[str, Path]:
+def run_metrics(rows: list[dict]) -> pd.DataFrame:
+    """One value per (experiment, run, metric), metrics named by protocol and setting, e.g.
+    ``incontext toyscenes f=0.125`` (mean over seeds), ``overcluster toyscenes K=300``,
+    ``linear toyscenes mmseg``, ``finetune toyscenes mask``."""
+    records = []
+    for r in rows:
+        protocol = r.get("protocol")
+        if protocol == "incontext":
+            metric = f"incontext {r['dataset']} f={r['fraction']:g}"
+        elif protocol == "overcluster":
+            metric = f"overcluster {r['dataset']} K={'classes' if r.get('matching') == 'hungarian' else r['clusters']}"
+        elif protocol == "linear":
+            metric = f"linear {r['dataset']} {r.get('protocol_name')}"
+        elif protocol == "finetune":
+            metric = f"finetune {r['dataset']} {r.get('decoder')}"
+        else:
+            continue
+        records.append({"experiment": r.get("experiment"), "run_name": r.get("run_name"), "metric": metric,
+                        "value": float(r["miou"])})
+    if not records:
+        return pd.DataFrame(columns=["experiment", "run_name", "metric", "value"])
+    frame = pd.DataFrame(records)
+    return frame.groupby(["experiment", "run_name", "metric"], as_index=False, sort=True)["value"].mean()
+
+
+def build_ablation_table(rows: list[dict], base: str) -> pd.DataFrame:
+    """Each ablation run (named ``<base>~<key>=<value>``) against ``base``, metric by metric:
+    ``setting | metric | base | ours | change`` (change = ours - base)."""
+    metrics = run_metrics(rows)
+    columns = ["experiment", "setting", "run_name", "metric", "base", "ours", "change"]
+    base_values = metrics[metrics.run_name == base].set_index(["experiment", "metric"])["value"]
+    lines = []
+    for r in metrics[metrics.run_name.str.startswith(f"{base}~")].itertuples(index=False):
+        reference = base_values.get((r.experiment, r.metric), float("nan"))
+        lines.append({"experiment": r.experiment, "setting": r.run_name.split("~", 1)[1], "run_name": r.run_name,
+                      "metric": r.metric, "base": reference, "ours": r.value, "change": r.value - reference})
+    if not lines:
+        return pd.DataFrame(columns=columns)
+    table = pd.DataFrame(lines)[columns].sort_values(["experiment", "setting", "metric"]).reset_index(drop=True)
+    return table.round({"base": 2, "ours": 2, "change": 2})
+
+
+def write_tables(row_paths: list[str | Path], out_dir: str | Path, ablation_base: str | None = None,
+                 paper: str | Path | None = None) -> dict[str, Path]:
     out_dir = Path(out_dir)
     rows = read_rows(row_paths)
     table = build_incontext_table(rows)
@@ -165,6 +212,13 @@ def write_tables(row_paths: list[str | Path], out_dir: str | Path) -> dict[str, 
     for r in overclusters.itertuples(index=False):
         metrics.setdefault("overcluster_miou", {}).setdefault(r.experiment, {}).setdefault(
             r.run_name, {})[f"{r.dataset}_k{r.clusters}"] = r.miou
+    ablations = build_ablation_table(rows, ablation_base) if ablation_base else build_ablation_table([], "")
+    atomic_write_text(out_dir / "ablations.csv", ablations.to_csv(index=False))
+    atomic_write_text(out_dir / "ablations.md", to_markdown(ablations))
+    if paper is not None:
+        from cribo.results.paper import write_paper_tables
+
+        write_paper_tables(rows, paper, out_dir)
     atomic_write_text(metrics_path, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
     return {"csv": csv_path, "md": md_path, "metrics": metrics_path, "overcluster_csv": out_dir / "overcluster.csv",
             "overcluster_md": out_dir / "overcluster.md"}

@@ -1,0 +1,171 @@
+"""Paper comparison tables: our evaluation rows beside the published numbers, with the difference.
+
+Published numbers live in ``config/paper_results.yaml`` (one entry per number, with its source and
+confidence). For each protocol, our rows are grouped by what identifies a result (method, arch,
+patch size, pretraining data, dataset and the protocol's setting: training fraction, linear
+protocol, decoder, number of clusters), summarised as mean and sample standard deviation over the
+seeds, and outer-joined with the published entries on the same key:
+
+- a published entry with ``protocol: null`` (the source does not say) matches any linear protocol;
+- an in-context entry with a ``memory_size`` matches only rows with that memory size;
+- ``delta`` = ours - paper; a missing side leaves its cells empty.
+
+Published entries that match none of our rows are listed when their dataset is one we evaluated
+(``all_paper`` lists every one), so a table shows what a run still lacks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+KEY = ["method", "arch", "patch_size", "pretrain", "dataset"]
+SETTINGS = {"incontext": ["fraction"], "linear": ["protocol"], "finetune": ["decoder"], "overcluster": ["clusters"]}
+PROTOCOLS = tuple(SETTINGS)
+_REQUIRED = {"method", "arch", "patch_size", "pretrain", "dataset", "miou", "source"}
+
+
+class PaperResultsError(ValueError):
+    """config/paper_results.yaml is malformed; the message names the entry and the key."""
+
+
+def load_paper_results(path: str | Path) -> dict:
+    """Read and check the published numbers; returns ``{"sources": ..., protocol: [entries]}``."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise PaperResultsError(f"cannot read {path}: {err}") from err
+    if not isinstance(data, dict) or "sources" not in data:
+        raise PaperResultsError(f"{path}: expected a mapping with 'sources' and the protocols {', '.join(PROTOCOLS)}")
+    sources = data["sources"]
+    for name, source in sources.items():
+        if source.get("confidence") not in ("verified", "figure"):
+            raise PaperResultsError(f"{path}: sources.{name}.confidence must be 'verified' or 'figure'")
+    unknown = set(data) - {"sources", *PROTOCOLS}
+    if unknown:
+        raise PaperResultsError(f"{path}: unknown section(s) {sorted(unknown)}; allowed: sources, {', '.join(PROTOCOLS)}")
+    for protocol in PROTOCOLS:
+        entries = data.get(protocol) or []
+        data[protocol] = entries
+        for i, entry in enumerate(entries):
+            where = f"{path}: {protocol}[{i}]"
+            missing = sorted((_REQUIRED | set(SETTINGS[protocol])) - set(entry) - ({"protocol"} if protocol == "linear" else set()))
+            if missing:
+                raise PaperResultsError(f"{where} lacks {', '.join(missing)}")
+            if entry["source"] not in sources:
+                raise PaperResultsError(f"{where}: source {entry['source']!r} is not under 'sources'")
+            if not isinstance(entry["miou"], (int, float)) or not 0 <= entry["miou"] <= 100:
+                raise PaperResultsError(f"{where}: miou must be a number in [0, 100], got {entry['miou']!r}")
+    return data
+
+
+def _our_setting(protocol: str, row: dict) -> dict:
+    if protocol == "incontext":
+        return {"fraction": float(row["fraction"]), "memory_size": row.get("memory_size")}
+    if protocol == "linear":
+        return {"protocol": row.get("protocol_name")}
+    if protocol == "finetune":
+        return {"decoder": row.get("decoder")}
+    clusters = "classes" if row.get("matching") == "hungarian" else int(row["clusters"])
+    return {"clusters": clusters}
+
+
+def our_results(rows: list[dict], protocol: str) -> pd.DataFrame:
+    """Our rows of ``protocol`` grouped by run and setting: mean, sample std and count over seeds."""
+    records = []
+    for row in rows:
+        if row.get("protocol") != protocol:
+            continue
+        records.append({"run_name": row.get("run_name"), "experiment": row.get("experiment"),
+                        **{k: row.get(k) for k in KEY if k != "pretrain"},
+                        "pretrain": row.get("pretrain_data"), **_our_setting(protocol, row),
+                        "miou": float(row["miou"]),
+                        "spread": float(row["miou_std"]) if protocol == "overcluster" else np.nan,
+                        "n": len(row.get("seeds") or [0]) if protocol == "overcluster" else 1})
+    columns = ["experiment", "run_name", *KEY, *SETTINGS[protocol]] + (["memory_size"] if protocol == "incontext" else [])
+    if not records:
+        return pd.DataFrame(columns=columns + ["ours", "ours_std", "seeds"])
+    frame = pd.DataFrame(records)
+    frame = frame.astype({c: object for c in columns})
+    out = []
+    for key, group in frame.groupby(columns, dropna=False, sort=True):
+        values = group["miou"].to_numpy()
+        if len(values) > 1:
+            spread, seeds = float(np.std(values, ddof=1)), len(values)
+        else:
+            spread, seeds = float(group["spread"].iloc[0]), int(group["n"].iloc[0])
+        out.append({**dict(zip(columns, key)), "ours": float(values.mean()), "ours_std": spread, "seeds": seeds})
+    return pd.DataFrame(out)
+
+
+def _matches(entry: dict, ours: dict, protocol: str) -> bool:
+    if any(entry[k] != ours[k] for k in KEY):
+        return False
+    if protocol == "incontext":
+        if abs(float(entry["fraction"]) - float(ours["fraction"])) > 1e-9:
+            return False
+        return entry.get("memory_size") is None or entry["memory_size"] == ours.get("memory_size")
+    if protocol == "linear":
+        return entry.get("protocol") is None or entry["protocol"] == ours["protocol"]
+    setting = SETTINGS[protocol][0]
+    return entry[setting] == ours[setting]
+
+
+def paper_table(rows: list[dict], paper: dict, protocol: str, all_paper: bool = False) -> pd.DataFrame:
+    """Our results of ``protocol`` beside the published ones: one line per (our result, matching entry)."""
+    ours = our_results(rows, protocol)
+    entries = paper.get(protocol) or []
+    sources = paper["sources"]
+    settings = SETTINGS[protocol] + (["memory_size"] if protocol == "incontext" else [])
+    lines, used = [], set()
+    for record in ours.to_dict("records"):
+        matched = [i for i, e in enumerate(entries) if _matches(e, record, protocol)]
+        used.update(matched)
+        for i in matched or [None]:
+            entry = entries[i] if i is not None else {}
+            lines.append({**{k: record[k] for k in ["experiment", "run_name", *KEY, *settings]},
+                          "ours": record["ours"], "ours_std": record["ours_std"], "seeds": record["seeds"],
+                          "paper": entry.get("miou"), "source": entry.get("source"),
+                          "confidence": sources[entry["source"]]["confidence"] if entry else None})
+    datasets = set(ours["dataset"]) if len(ours) else set()
+    for i, entry in enumerate(entries):
+        if i in used or not (all_paper or entry["dataset"] in datasets):
+            continue
+        lines.append({"experiment": None, "run_name": None, **{k: entry[k] for k in KEY},
+                      **{k: entry.get(k) for k in settings}, "ours": None, "ours_std": None, "seeds": None,
+                      "paper": entry["miou"], "source": entry["source"],
+                      "confidence": sources[entry["source"]]["confidence"]})
+    columns = ["experiment", "run_name", *KEY, *settings, "ours", "ours_std", "seeds", "paper", "delta", "source",
+               "confidence"]
+    if not lines:
+        return pd.DataFrame(columns=columns)
+    table = pd.DataFrame(lines)
+    table["ours"] = pd.to_numeric(table["ours"])
+    table["paper"] = pd.to_numeric(table["paper"])
+    table["delta"] = table["ours"] - table["paper"]
+    table = table[columns]
+    order = ["dataset", *SETTINGS[protocol], "method", "arch"]
+    table = table.sort_values(order, key=lambda s: s.astype(str), kind="stable").reset_index(drop=True)
+    return table.round({"ours": 2, "ours_std": 2, "delta": 2})
+
+
+def write_paper_tables(rows: list[dict], paper_path: str | Path, out_dir: str | Path,
+                       all_paper: bool = False) -> dict[str, Path]:
+    """``paper_<protocol>.{csv,md}`` for each protocol under ``out_dir``."""
+    from cribo.config import atomic_write_text
+    from cribo.results.tables import to_markdown
+
+    paper = load_paper_results(paper_path)
+    out_dir = Path(out_dir)
+    written = {}
+    for protocol in PROTOCOLS:
+        table = paper_table(rows, paper, protocol, all_paper)
+        csv_path, md_path = out_dir / f"paper_{protocol}.csv", out_dir / f"paper_{protocol}.md"
+        atomic_write_text(csv_path, table.to_csv(index=False))
+        atomic_write_text(md_path, to_markdown(table))
+        written[protocol] = csv_path
+    return written

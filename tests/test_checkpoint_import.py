@@ -120,3 +120,31 @@ def test_export_is_a_slim_safetensors_backbone_usable_as_checkpoint(tmp_path, ti
     assert main(["extract", "--checkpoint", str(out), "--dataset", "voc", "--data-root", str(tiny_voc),
                  "--split", "val", "--out", str(tmp_path / "feats"), "--no-progress"]) == 0
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "slim.pth")]) == 2
+
+
+def test_imported_baseline_is_a_run_checkpoint_with_the_same_features(tmp_path):
+    import json
+
+    import timm
+
+    from cribo.cli import main
+
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=64).eval()
+    weights = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(weights))
+    out = tmp_path / "run" / "pretrain"
+    assert main(["import-baseline", "--weights", str(weights), "--timm-model", "vit_tiny_patch16_224",
+                 "--method", "dino", "--pretrain-data", "imagenet", "--output-dir", str(out),
+                 "--summary", str(out / "summary.json")]) == 0
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    # what the paper tables match on
+    assert ckpt["config"]["method"] == "dino" and ckpt["config"]["data"]["dataset"] == "imagenet"
+    assert ckpt["config"]["model"]["arch"] == "vit_tiny" and ckpt["config"]["model"]["patch_size"] == 16
+    model = backbone_from_checkpoint(ckpt, "imported").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref.forward_features(x)[:, 1:].reshape(1, 4, 4, -1), atol=1e-5)
+    assert json.loads((out / "summary.json").read_text())["baseline"] is True
+    assert main(["import-baseline", "--weights", str(tmp_path / "missing.pth"), "--method", "dino",
+                 "--output-dir", str(out)]) == 2

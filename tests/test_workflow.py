@@ -127,3 +127,16 @@ def test_pretraining_on_coco_waits_for_the_coco_images(tmp_path):
     # voc (VOC tar + SBD) and coco (train2017 + val2017): 4 archives, 2 prepared datasets
     assert any(line.split() == ["download_archive", "4"] for line in text.splitlines()), text[-3000:]
     assert any(line.split() == ["prepare_dataset", "2"] for line in text.splitlines()), text[-3000:]
+
+
+def test_baseline_weights_enter_the_dag_as_runs(tmp_path):
+    workdir = _workdir(tmp_path, baselines={"dino_tiny": {"weights": "weights/dino.pth", "method": "dino",
+                                                          "pretrain": "imagenet"}})
+    (workdir / "weights").mkdir()
+    (workdir / "weights" / "dino.pth").write_bytes(b"placeholder: the dry run only plans")
+    out = _snakemake(workdir, "-n")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout + out.stderr
+    # 5 trained runs + the baseline: one import, no pretraining of it, its features and rows like the others
+    for rule, count in (("import_baseline", 1), ("pretrain", 5), ("extract", 12), ("eval_incontext", 18)):
+        assert any(line.split() == [rule, str(count)] for line in text.splitlines()), (rule, text[-3000:])

@@ -114,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "(0 or 1: one process). Under srun with one task per GPU, leave it at 1")
 
     # ---- export ----
+    ib = sub.add_parser("import-baseline", help="turn pretrained weights (official, timm, export) into a baseline run checkpoint")
+    ib.add_argument("--weights", required=True, help="weights file (any format --checkpoint takes)")
+    ib.add_argument("--timm-model", default=None, help="timm architecture of bare weights (e.g. vit_small_patch14_reg4_dinov2)")
+    ib.add_argument("--method", required=True, help="method name the tables use (e.g. dino, ibot, mae, dinov2r)")
+    ib.add_argument("--pretrain-data", default=None, help="what it was pretrained on (e.g. imagenet), matched by the paper tables")
+    ib.add_argument("--output-dir", required=True, help="folder for checkpoint.pth")
+    ib.add_argument("--summary", default=None, help="also write a JSON summary here (the DAG's completion marker)")
+
     exp = sub.add_parser("export", help="write a slim evaluation checkpoint (teacher backbone, safetensors)")
     exp.add_argument("--checkpoint", required=True, help="training checkpoint (ours or official CrIBo/DINO)")
     exp.add_argument("--out", required=True, help="output file, *.safetensors")
@@ -360,6 +368,17 @@ def _load_eval_backbone(args):
     return backbone.to(device), ckpt, device, size
 
 
+def cmd_import_baseline(args) -> None:
+    from cribo.config import atomic_write_text
+    from cribo.train.baseline import import_baseline
+
+    summary = import_baseline(args.weights, args.output_dir, method=args.method, pretrain=args.pretrain_data,
+                              timm_model=args.timm_model)
+    if args.summary:
+        atomic_write_text(args.summary, json.dumps(summary, indent=1) + "\n")
+    print(f"baseline {args.method} imported -> {summary['checkpoint']}")
+
+
 def cmd_export(args) -> None:
     from cribo.train.export import export_backbone
 
@@ -588,7 +607,8 @@ def cmd_table(args) -> None:
     print(Path(paths["md"]).read_text(), end="")
 
 
-COMMANDS = {"data": cmd_data, "config": cmd_config, "train": cmd_train, "export": cmd_export, "extract": cmd_extract,
+COMMANDS = {"data": cmd_data, "config": cmd_config, "train": cmd_train, "import-baseline": cmd_import_baseline,
+            "export": cmd_export, "extract": cmd_extract,
             "eval": cmd_eval, "table": cmd_table, "curves": cmd_curves, "figures": cmd_figures}
 
 

@@ -9,6 +9,14 @@ RUN_IDS = {name: run_id(cfg) for name, cfg in RUNS.items()}
 _twins = [n for n in RUNS if list(RUN_IDS.values()).count(RUN_IDS[n]) > 1]
 if _twins:
     raise ConfigError(f"runs {', '.join(_twins)} have identical settings (same run id); make them differ or drop one")
+TRAINED_IDS = list(RUN_IDS.values())
+# baselines: pretrained weights imported as runs (no training); their id hashes what they are
+BASELINES = config.get("baselines") or {}
+for _name, _spec in BASELINES.items():
+    if _name in RUN_IDS:
+        raise ConfigError(f"baselines.{_name}: a run has the same name; rename one of them")
+    RUN_IDS[_name] = short_hash({k: _spec.get(k) for k in ("weights", "timm_model", "method", "pretrain")})
+BASELINE_IDS = [RUN_IDS[n] for n in BASELINES]
 RUN_NAME = {rid: name for name, rid in RUN_IDS.items()}
 
 DATASET = config["dataset"]["name"]

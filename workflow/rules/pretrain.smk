@@ -4,6 +4,8 @@
 
 
 rule run_config:
+    wildcard_constraints:
+        run_id="|".join(TRAINED_IDS),
     output:
         f"{RUN_DIR}/pretrain/run.yaml",
     log:
@@ -19,6 +21,8 @@ rule run_config:
 
 
 rule pretrain:
+    wildcard_constraints:
+        run_id="|".join(TRAINED_IDS),
     input:
         data=pretrain_data_input,
         cfg=f"{RUN_DIR}/pretrain/run.yaml",
@@ -38,6 +42,30 @@ rule pretrain:
     shell:
         "cribo train --config {input.cfg} --output-dir {params.outdir} --nproc-per-node {resources.gpu} "
         "--set train.threads={threads} --summary {output} > {log} 2>&1"
+
+
+if BASELINES:
+
+    rule import_baseline:
+        # pretrained weights (an official release, timm weights, an export) become a run's checkpoint
+        wildcard_constraints:
+            run_id="|".join(BASELINE_IDS),
+        input:
+            weights=lambda wc: BASELINES[RUN_NAME[wc.run_id]]["weights"],
+        output:
+            f"{RUN_DIR}/pretrain/summary.json",
+        log:
+            "logs/{experiment}/{run_id}/import_baseline.log",
+        params:
+            outdir=lambda wc, output: os.path.dirname(output[0]),
+            spec=lambda wc: BASELINES[RUN_NAME[wc.run_id]],
+            timm=lambda wc: (f"--timm-model {BASELINES[RUN_NAME[wc.run_id]]['timm_model']}"
+                             if BASELINES[RUN_NAME[wc.run_id]].get("timm_model") else ""),
+            pretrain=lambda wc: (f"--pretrain-data {BASELINES[RUN_NAME[wc.run_id]]['pretrain']}"
+                                 if BASELINES[RUN_NAME[wc.run_id]].get("pretrain") else ""),
+        shell:
+            "cribo import-baseline --weights {input.weights} {params.timm} --method {params.spec[method]} "
+            "{params.pretrain} --output-dir {params.outdir} --summary {output} > {log} 2>&1"
 
 
 rule training_curves:

@@ -98,7 +98,8 @@ def backbone_from_checkpoint(ckpt: dict, source: str = "checkpoint", timm_model:
 
     Accepted (``ckpt`` as returned by :func:`cribo.train.checkpoint.load_checkpoint`):
 
-    - ours (``method`` and ``config`` keys): the teacher backbone, or the pixel baseline;
+    - ours (``method`` and ``config`` keys): the teacher backbone, or the pixel baseline, or an
+      imported baseline (``timm_model`` key: rebuilt by timm);
     - a ``cribo export`` safetensors file (the model config in its metadata);
     - an official CrIBo or DINO training checkpoint (``teacher`` with ``backbone.*`` keys);
     - a bare ViT state dict (a DINO/DeiT release, a timm ``.safetensors``/``.pth`` file, or one
@@ -114,6 +115,9 @@ def backbone_from_checkpoint(ckpt: dict, source: str = "checkpoint", timm_model:
     if method is not None and cfg is not None:  # ours
         if method == "pixels":
             model = PixelPatches(ckpt["teacher"]["pixel_mean"], cfg["model"]["patch_size"])
+            return _tag(model, cfg["model"]["img_size"], method)
+        if ckpt.get("timm_model"):  # an imported baseline whose architecture timm builds
+            model = _timm_backbone(ckpt["timm_model"], strip_prefix(ckpt["teacher"], "backbone."), source)
             return _tag(model, cfg["model"]["img_size"], method)
         vit = build_vit(cfg["model"], drop_path_rate=0.0)
         _load_strict(vit, strip_prefix(ckpt["teacher"], "backbone."), source, "the config's model")

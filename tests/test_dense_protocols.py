@@ -201,3 +201,22 @@ def test_cli_finetune_row(tmp_path, tiny_voc):
     row = json.loads(out.read_text())
     assert row["protocol"] == "finetune" and row["decoder"] == "mask" and row["iterations"] == 3
     assert len(row["per_class_iou"]) == 21 and row["per_class_iou"][3] is None and 0 <= row["miou"] <= 100
+
+
+def test_same_seed_same_numbers_whatever_the_rng_state_before(tiny_voc):
+    # the decoder initialisation is seeded too: two runs in one process, RNG moved in between
+    spec = _voc(tiny_voc)
+    train, val = mmseg_datasets(tiny_voc, spec, crop=16, scale=(32, 32))
+    results = []
+    for noise in (0, 1):
+        torch.manual_seed(0)  # the same pretrained backbone ...
+        vit = build_vit({"arch": "vit_tiny", "patch_size": 8, "img_size": 16, "depth": 1})
+        torch.manual_seed(123 + noise)  # ... then whatever the process did before the evaluation
+        torch.rand(10)
+        model = build_finetune_model(ViTPatchFeatures(vit), spec.num_classes, "mask", num_heads=3, seed=5)
+        results.append(train_dense(model, train, val, spec.num_classes, iterations=3, batch_size=2, lr=1e-3,
+                                   crop=16, stride=16, seed=5, progress=False))
+    assert results[0]["train_loss"] == results[1]["train_loss"] and results[0]["miou"] == results[1]["miou"]
+    lin = [train_linear_mmseg(PixelPatches(torch.zeros(3), 4), train, val, spec.num_classes, iterations=3,
+                              batch_size=2, crop=16, stride=16, seed=3, progress=False) for _ in range(2)]
+    assert lin[0]["train_loss"] == lin[1]["train_loss"]

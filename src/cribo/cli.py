@@ -479,7 +479,7 @@ def cmd_finetune(args) -> None:
     spec = get_spec(args.dataset, args.data_root)
     backbone, ckpt, device, _ = _load_eval_backbone(args)
     model = build_finetune_model(backbone, spec.num_classes, args.decoder, num_layers=args.decoder_layers,
-                                 drop_path=args.drop_path)
+                                 drop_path=args.drop_path, seed=args.seed)
     train, val = mmseg_datasets(args.data_root, spec, crop=args.crop, scale=args.scale,
                                 normalisation=args.normalisation)
     result = train_dense(model, train, val, spec.num_classes, layer_decay=args.layer_decay,

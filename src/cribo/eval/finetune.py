@@ -9,6 +9,7 @@ decoder, 512 crops, Adam with a poly schedule, sliding-window inference. Layer-w
 
 from __future__ import annotations
 
+import torch
 from timm.layers import DropPath
 from torch import nn
 
@@ -34,11 +35,13 @@ def set_drop_path(backbone: nn.Module, rate: float) -> None:
 
 
 def build_finetune_model(backbone: nn.Module, num_classes: int, decoder: str = "mask", *, num_layers: int = 2,
-                         num_heads: int | None = None, drop_path: float = 0.1) -> SegmentationModel:
-    """Backbone (trainable, drop path ``drop_path``) + decoder ``mask`` (Segmenter) or ``linear``.
+                         num_heads: int | None = None, drop_path: float = 0.1, seed: int = 0) -> SegmentationModel:
+    """Backbone (trainable, drop path ``drop_path``) + decoder ``mask`` (Segmenter) or ``linear``,
+    the decoder initialised from ``seed`` (so a rerun gives the same numbers).
 
     ``num_heads`` defaults to the backbone's own head count (6 for ViT-S, 12 for ViT-B, as the configs).
     """
+    torch.manual_seed(seed)
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
     set_drop_path(backbone, drop_path)

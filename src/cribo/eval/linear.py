@@ -164,6 +164,7 @@ def train_linear_mmseg(backbone, train_set, val_set, num_classes: int, **kwargs)
     from cribo.eval.decoders import LinearDecoder, SegmentationModel
     from cribo.eval.dense_training import train_dense
 
+    torch.manual_seed(kwargs.get("seed", 0))  # the head's initialisation is part of the seeded run
     model = SegmentationModel(backbone, LinearDecoder(backbone.embed_dim, num_classes), freeze_backbone=True)
     result = train_dense(model, train_set, val_set, num_classes, **kwargs)
     return {**result, "protocol_name": "mmseg"}

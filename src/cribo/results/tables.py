@@ -132,6 +132,8 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 
 def _fmt(value, metric: bool = False) -> str:
+    if value is None:
+        return "-"
     if isinstance(value, float):
         if value != value:
             return "-"

@@ -11,7 +11,9 @@ and others). COCO's stuff, panoptic and stuffthingmaps archives have none publis
 download records its sha256 beside the file and later downloads are checked against it.
 
 ImageNet-1k and Cityscapes need a licence or a login: they are never downloaded, the ``prepare``
-stage checks the tree the user points at (:mod:`cribo.data.user_provided`).
+stage checks the tree the user points at (:mod:`cribo.data.user_provided`). ImageNet serves
+pretraining (an image folder); Cityscapes is checked but has no evaluation loader yet (its
+PNG images and ``labelIds`` -> 19 train ids conversion are not implemented).
 """
 
 from __future__ import annotations
@@ -47,9 +49,6 @@ VOC_CLASSES = (
     "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
     "train", "tvmonitor",
 )
-CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
-                      "motorcycle", "bicycle")
 
 _GB = 1_000_000_000
 ARCHIVES: dict[str, Archive] = {a.name: a for a in (
@@ -102,7 +101,6 @@ _REGISTRY: dict[str, DatasetSpec] = {
     "coco-stuff15": _coco_spec("coco-stuff15", 15),
     "coco-things12": _coco_spec("coco-things12", 12),
     "coco-stuff171": _coco_spec("coco-stuff171", 171),
-    "cityscapes": DatasetSpec("cityscapes", "voc", 19, 255, "train", "val", CITYSCAPES_CLASSES),
 }
 
 

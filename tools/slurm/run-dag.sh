@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the embedded DAG (CI configuration) through a real Slurm: `snakemake --executor slurm` with
+# Run the embedded DAG (config/slurm-ci.yaml, a cut of the CI configuration) through a real Slurm: `snakemake --executor slurm` with
 # the project's SLURM profile, the pretrain rule asking for a GPU (a fake one, see single-node.sh).
 #
 #   tools/slurm/run-dag.sh            (root; `make slurm-test` runs it with the project's .venv)
@@ -22,11 +22,14 @@ trap cleanup EXIT
 "$here/single-node.sh" up
 
 cd "$work"
+# Snakemake merges --configfile into config/config.yaml (runs and grids would add up), so the
+# scratch copy's embedded default is replaced by the Slurm CI configuration instead.
+cp config/slurm-ci.yaml config/config.yaml
 start=$(date +%s)
 # The profile's resources are sized for a GPU cluster; this node has 2 CPUs and one fake GPU, so
 # the resources are scaled down here (on the command line, these replace the profile's maps).
-timeout -k 10 "$timeout_s" snakemake --workflow-profile profiles/slurm --configfile config/ci.yaml \
-  --config experiment=slurmci "ablations={}" --jobs 2 --cores 2 \
+timeout -k 10 "$timeout_s" snakemake --workflow-profile profiles/slurm --configfile config/config.yaml \
+  --jobs 2 --cores 2 \
   --default-resources mem_mb=3000 runtime=60 \
   --set-resources pretrain:gpu=1 pretrain:cpus_per_gpu=1 pretrain:mem_mb=4000 pretrain:runtime=60 \
   --set-threads pretrain=1 extract=1 eval_incontext=1 \

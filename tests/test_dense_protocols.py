@@ -200,6 +200,7 @@ def test_cli_finetune_row(tmp_path, tiny_voc):
                  "--scale", "32", "32", "--out", str(out), "--no-progress"]) == 0
     row = json.loads(out.read_text())
     assert row["protocol"] == "finetune" and row["decoder"] == "mask" and row["iterations"] == 3
+    assert row["precision"] == "fp32"  # the CLI default, auto, on a CPU
     assert len(row["per_class_iou"]) == 21 and row["per_class_iou"][3] is None and 0 <= row["miou"] <= 100
 
 
@@ -220,3 +221,31 @@ def test_same_seed_same_numbers_whatever_the_rng_state_before(tiny_voc):
     lin = [train_linear_mmseg(PixelPatches(torch.zeros(3), 4), train, val, spec.num_classes, iterations=3,
                               batch_size=2, crop=16, stride=16, seed=3, progress=False) for _ in range(2)]
     assert lin[0]["train_loss"] == lin[1]["train_loss"]
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16),
+                                              ("fp32", torch.float32), ("auto", torch.float32)])
+def test_precision_autocasts_training_and_sliding_inference(tiny_voc, precision, dtype):
+    # on CPU "auto" resolves to fp32; fp16 goes through the GradScaler
+    spec = _voc(tiny_voc)
+    train, val = mmseg_datasets(tiny_voc, spec, crop=16, scale=(32, 32), photometric=False)
+    torch.manual_seed(0)
+    vit = build_vit({"arch": "vit_tiny", "patch_size": 8, "img_size": 16, "depth": 1})
+    model = build_finetune_model(ViTPatchFeatures(vit), spec.num_classes, "linear", seed=0)
+    seen = []  # (training?, dtype of the logits) of every forward
+    model.register_forward_hook(lambda module, inputs, logits: seen.append((module.training, logits.dtype)))
+    result = train_dense(model, train, val, spec.num_classes, iterations=3, batch_size=2, lr=1e-3, crop=16,
+                         stride=16, seed=0, precision=precision, progress=False)
+    assert result["precision"] == ("fp32" if precision == "auto" else precision)
+    assert {d for training, d in seen if training} == {dtype}
+    assert {d for training, d in seen if not training} == {dtype}
+    assert all(np.isfinite(result["train_loss"])) and len(result["train_loss"]) == 3
+
+
+def test_auto_precision_on_cpu_gives_the_fp32_numbers(tiny_voc):
+    spec = _voc(tiny_voc)
+    train, val = mmseg_datasets(tiny_voc, spec, crop=16, scale=(32, 32))
+    runs = [train_linear_mmseg(PixelPatches(torch.zeros(3), 4), train, val, spec.num_classes, iterations=3,
+                               batch_size=2, crop=16, stride=16, seed=3, precision=p, progress=False)
+            for p in ("fp32", "auto")]
+    assert runs[0]["train_loss"] == runs[1]["train_loss"] and runs[0]["miou"] == runs[1]["miou"]

@@ -46,6 +46,9 @@ def _add_dense_args(p: argparse.ArgumentParser, *, optimizer: str, weight_decay:
                    help="resize bound (long, short) of the test images and, times 0.5-2, of the training images")
     g.add_argument("--normalisation", default="imagenet", choices=["imagenet", "half"],
                    help="input normalisation: ImageNet statistics (default) or mmseg's Segmenter 127.5/127.5")
+    g.add_argument("--precision", default="auto", choices=["fp32", "fp16", "bf16", "auto"],
+                   help="autocast of the forwards (training and inference): auto = bf16 or fp16 on a GPU, "
+                        "fp32 on CPU (default auto)")
     g.add_argument("--checkpoint-every", type=int, default=1000,
                    help="iterations between resumable state saves next to --out (default 1000)")
 
@@ -432,7 +435,7 @@ def cmd_overcluster(args) -> None:
 def _dense_kwargs(args, device) -> dict:
     return dict(iterations=args.iterations, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                 weight_decay=args.weight_decay, min_lr=args.min_lr, crop=args.crop, stride=args.stride,
-                seed=args.seed, device=device, num_workers=args.num_workers,
+                seed=args.seed, device=device, num_workers=args.num_workers, precision=args.precision,
                 state_path=f"{args.out}.state.pth", checkpoint_every=args.checkpoint_every,
                 progress=not args.no_progress)
 

@@ -113,7 +113,7 @@ def finetune_rows():
 def dense_options():
     """CLI options of the mmseg-style geometry, shared by the mmseg linear probe and fine-tuning."""
     return (f"--crop {DENSE['crop']} --stride {DENSE['stride']} --scale {DENSE['scale'][0]} {DENSE['scale'][1]} "
-            f"--normalisation {DENSE['normalisation']}")
+            f"--normalisation {DENSE['normalisation']} --precision {DENSE['precision']}")
 
 
 def linear_options(wildcards):

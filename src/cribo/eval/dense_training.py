@@ -11,6 +11,10 @@ written in plain PyTorch (``evaluation.md`` §2.2, §3):
 - evaluation: sliding windows (crop 512, stride 480), overlapping logits averaged, resized to the
   original mask resolution, one confusion matrix over the split.
 
+Mixed precision (``precision``: fp32, fp16, bf16 or auto, as in pretraining) autocasts the model's
+forwards, training and sliding-window inference alike; the loss is taken on float32 logits and fp16
+gradients go through a ``GradScaler``. ``auto`` is fp32 on CPU, so CPU numbers do not depend on it.
+
 A state file (``state_path``) is written atomically every ``checkpoint_every`` iterations and
 read back on restart, so a killed fine-tuning run resumes at its last saved iteration (the data
 order of the interrupted pass is redrawn from the seed and the iteration).
@@ -18,6 +22,7 @@ order of the interrupted pass is redrawn from the seed and the iteration).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -78,8 +83,11 @@ def make_optimizer(name: str, groups: list[dict], lr: float):
 
 @torch.no_grad()
 def slide_logits(model, image: torch.Tensor, num_classes: int, crop: int, stride: int,
-                 batch: int = 8) -> torch.Tensor:
-    """Average logits of the sliding windows over one ``3 x H x W`` image -> ``C x H x W``."""
+                 batch: int = 8, autocast=contextlib.nullcontext) -> torch.Tensor:
+    """Average logits of the sliding windows over one ``3 x H x W`` image -> ``C x H x W``.
+
+    ``autocast``: a context-manager factory wrapped around each forward (mixed precision).
+    """
     _, height, width = image.shape
     boxes = sliding_windows(height, width, crop, stride)
     total = torch.zeros(num_classes, height, width, device=image.device)
@@ -87,7 +95,9 @@ def slide_logits(model, image: torch.Tensor, num_classes: int, crop: int, stride
     for start in range(0, len(boxes), batch):
         chunk = boxes[start:start + batch]
         crops = torch.stack([image[:, t:b, l:r] for t, l, b, r in chunk])  # all windows share one size
-        logits = model(crops).float()
+        with autocast():
+            logits = model(crops)
+        logits = logits.float()
         for (t, l, b, r), out in zip(chunk, logits):
             total[:, t:b, l:r] += out
             count[:, t:b, l:r] += 1
@@ -96,14 +106,14 @@ def slide_logits(model, image: torch.Tensor, num_classes: int, crop: int, stride
 
 @torch.no_grad()
 def evaluate_sliding(model, dataset, num_classes: int, *, crop: int, stride: int, device,
-                     ignore_index: int = 255, progress: bool = False) -> dict:
+                     ignore_index: int = 255, progress: bool = False, autocast=contextlib.nullcontext) -> dict:
     """mIoU of ``model`` over ``dataset`` (items: ``3 x h x w`` image, ``H x W`` original mask)."""
     model.eval()
     meter = ConfusionMeter(num_classes, ignore_index)
     for index in tqdm(range(len(dataset)), desc="sliding-window evaluation", disable=not progress,
                       file=sys.stdout, mininterval=5):
         image, mask = dataset[index]
-        logits = slide_logits(model, image.to(device), num_classes, crop, stride)
+        logits = slide_logits(model, image.to(device), num_classes, crop, stride, autocast=autocast)
         logits = F.interpolate(logits[None], size=tuple(mask.shape), mode="bilinear", align_corners=False)[0]
         meter.update(logits.argmax(0).cpu().numpy(), mask.numpy())
     return meter.compute("identity")
@@ -123,21 +133,25 @@ def train_dense(model: SegmentationModel, train_set, val_set, num_classes: int, 
                 batch_size: int, optimizer: str = "adam", lr: float = 0.01, weight_decay: float = 0.01,
                 min_lr: float | None = None, power: float = 0.9, layer_decay: float = 1.0, crop: int = 512,
                 stride: int = 480, seed: int = 0, device="cpu", num_workers: int = 0, ignore_index: int = 255,
-                state_path: str | Path | None = None, checkpoint_every: int = 1000, progress: bool = True) -> dict:
+                precision: str = "fp32", state_path: str | Path | None = None, checkpoint_every: int = 1000, progress: bool = True) -> dict:
     """Train ``model`` for ``iterations`` steps on ``train_set`` and score ``val_set`` with sliding windows.
 
     ``train_set`` yields ``(3 x crop x crop, crop x crop)`` pairs; ``val_set`` yields ``(3 x h x w,
-    H x W)`` pairs. Returns the metrics of :meth:`ConfusionMeter.compute` plus the loss curve and settings.
+    H x W)`` pairs. ``precision``: fp32 | fp16 | bf16 | auto (bf16 or fp16 on a GPU, fp32 on CPU).
+    Returns the metrics of :meth:`ConfusionMeter.compute` plus the loss curve and settings.
     """
     from cribo.train.checkpoint import load_checkpoint, save_checkpoint
+    from cribo.train.engine import autocast_factory
 
     torch.manual_seed(seed)
     model = model.to(device)
+    autocast, precision = autocast_factory(precision, torch.device(device))
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
     min_lr = lr / 10 if min_lr is None else min_lr
     opt = make_optimizer(optimizer, param_groups(model, weight_decay, layer_decay), lr)
     settings = {"iterations": iterations, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,
                 "weight_decay": weight_decay, "min_lr": min_lr, "power": power, "layer_decay": layer_decay,
-                "crop": crop, "stride": stride, "seed": seed}
+                "crop": crop, "stride": stride, "seed": seed, "precision": precision}
     start, losses = 0, []
     trainable = {k for k, p in model.named_parameters() if p.requires_grad}
     if state_path is not None and Path(state_path).is_file():
@@ -145,6 +159,8 @@ def train_dense(model: SegmentationModel, train_set, val_set, num_classes: int, 
         if state.get("settings") == settings:
             model.load_state_dict(state["model"], strict=False)
             opt.load_state_dict(state["optimizer"])
+            if state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
             start, losses = int(state["iteration"]), list(state["losses"])
             torch.set_rng_state(state["rng"])
             print(f"resumed from {state_path} at iteration {start}/{iterations}")
@@ -160,21 +176,23 @@ def train_dense(model: SegmentationModel, train_set, val_set, num_classes: int, 
         for group in opt.param_groups:
             group["lr"] = rate * group["lr_scale"]
         images, masks = next(batches)
-        logits = model(images.to(device))
-        loss = F.cross_entropy(logits, masks.to(device).long(), ignore_index=ignore_index)
+        with autocast():
+            logits = model(images.to(device))
+        loss = F.cross_entropy(logits.float(), masks.to(device).long(), ignore_index=ignore_index)
         if torch.isfinite(loss):  # not finite: every pixel of the batch ignored
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)  # fp16: skipped when the scaled gradients overflowed
+            scaler.update()
             losses.append(round(loss.item(), 5))
         done = iteration + 1
         if state_path is not None and (done % checkpoint_every == 0) and done < iterations:
             save_checkpoint({"settings": settings, "iteration": done, "losses": losses, "rng": torch.get_rng_state(),
                              "model": {k: v for k, v in model.state_dict().items() if k in trainable},
-                             "optimizer": opt.state_dict()}, state_path)
+                             "optimizer": opt.state_dict(), "scaler": scaler.state_dict()}, state_path)
     train_seconds = time.time() - started
     metrics = evaluate_sliding(model, val_set, num_classes, crop=crop, stride=stride, device=device,
-                               ignore_index=ignore_index, progress=progress)
+                               ignore_index=ignore_index, progress=progress, autocast=autocast)
     if state_path is not None:
         Path(state_path).unlink(missing_ok=True)
     return {**metrics, **settings, "train_loss_first": losses[:1], "train_loss_last": losses[-1:],

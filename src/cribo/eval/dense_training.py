@@ -133,7 +133,8 @@ def train_dense(model: SegmentationModel, train_set, val_set, num_classes: int, 
                 batch_size: int, optimizer: str = "adam", lr: float = 0.01, weight_decay: float = 0.01,
                 min_lr: float | None = None, power: float = 0.9, layer_decay: float = 1.0, crop: int = 512,
                 stride: int = 480, seed: int = 0, device="cpu", num_workers: int = 0, ignore_index: int = 255,
-                precision: str = "fp32", state_path: str | Path | None = None, checkpoint_every: int = 1000, progress: bool = True) -> dict:
+                precision: str = "fp32", state_path: str | Path | None = None, checkpoint_every: int = 1000,
+                progress: bool = True) -> dict:
     """Train ``model`` for ``iterations`` steps on ``train_set`` and score ``val_set`` with sliding windows.
 
     ``train_set`` yields ``(3 x crop x crop, crop x crop)`` pairs; ``val_set`` yields ``(3 x h x w,
@@ -144,9 +145,10 @@ def train_dense(model: SegmentationModel, train_set, val_set, num_classes: int, 
     from cribo.train.engine import autocast_factory
 
     torch.manual_seed(seed)
+    device = torch.device(device)
     model = model.to(device)
-    autocast, precision = autocast_factory(precision, torch.device(device))
-    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
+    autocast, precision = autocast_factory(precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     min_lr = lr / 10 if min_lr is None else min_lr
     opt = make_optimizer(optimizer, param_groups(model, weight_decay, layer_decay), lr)
     settings = {"iterations": iterations, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,

@@ -148,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev_sub = ev.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
     ic = ev_sub.add_parser("incontext", help="in-context retrieval (Hummingbird dense nearest neighbours)")
     ic.add_argument("--checkpoint", required=True, help="checkpoint written by `cribo train`")
-    ic.add_argument("--out", required=True, help="output JSON row (mIoU in percent under 'miou')")
+    ic.add_argument("--out", required=True,
+                    help="output JSON row (mIoU in percent under 'miou'); with several fractions or seeds a "
+                         "path holding '{fraction}' and '{seed}', one row each")
     ic.add_argument("--train-features", default=None,
                     help="feature store of the memory split from `cribo extract` (else extracted now)")
     ic.add_argument("--val-features", default=None,
@@ -158,8 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="softmax temperature over neighbour similarities (default 0.02)")
     ic.add_argument("--memory-size", type=int, default=None,
                     help="memory entries (patches) kept, split evenly over images by rarity; default: all")
-    ic.add_argument("--fraction", type=float, default=1.0, help="fraction of training images in memory (default 1)")
-    ic.add_argument("--seed", type=int, default=0, help="seed of the fraction subset and memory sampling")
+    ic.add_argument("--fraction", type=float, nargs="+", default=[1.0],
+                    help="fraction(s) of training images in memory (default 1); several fractions (or seeds) "
+                         "share one load of the feature stores, and --out then holds '{fraction}' and '{seed}'")
+    ic.add_argument("--seed", type=int, nargs="+", default=[0],
+                    help="seed(s) of the fraction subset and memory sampling (default 0); a full memory "
+                         "(fraction 1, no --memory-size) draws nothing and runs with the first seed only")
     ic.add_argument("--index", default="exact", choices=["exact", "ivfpq"],
                     help="exact search (default; on the GPU when there is one) or approximate IVF-PQ for huge memories")
     ic.add_argument("--train-list", default=None,
@@ -207,13 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     oc = ev_sub.add_parser("overcluster", help="k-means overclustering of frozen validation features (Leopart protocol)")
     oc.add_argument("--checkpoint", required=True, help="checkpoint whose features the store holds")
     oc.add_argument("--val-features", required=True, help="feature store of the validation split (`cribo extract`)")
-    oc.add_argument("--clusters", required=True,
-                    help="K: an integer >= the number of classes, or 'classes' (K = number of classes, Hungarian)")
+    oc.add_argument("--clusters", required=True, nargs="+",
+                    help="K: an integer >= the number of classes, or 'classes' (K = number of classes, Hungarian); "
+                         "several values share one load of the store, --out then holds '{clusters}'")
     oc.add_argument("--seeds", type=int, default=5, help="k-means seeds 0..S-1, results averaged (default 5)")
     oc.add_argument("--pca-dim", type=int, default=50, help="PCA dimensions after standardisation (default 50)")
     oc.add_argument("--iterations", type=int, default=100, help="k-means iterations (default 100)")
     oc.add_argument("--restarts", type=int, default=5, help="k-means restarts, best objective kept (default 5)")
-    oc.add_argument("--out", required=True, help="output JSON row")
+    oc.add_argument("--out", required=True, help="output JSON row ('{clusters}' in it is replaced by each K)")
     oc.add_argument("--experiment", default=None, help="experiment name recorded in the row")
     oc.add_argument("--run-name", default=None, help="run name recorded in the row")
 
@@ -410,26 +417,47 @@ def cmd_overcluster(args) -> None:
     from cribo.eval.protocol import make_row, write_row
     from cribo.train.checkpoint import file_sha256, load_checkpoint
 
-    started = time.time()
+    outputs = _expand_out(args.out, "clusters", args.clusters)
     val = load_store(args.val_features)
     num_classes = val.meta["num_classes"]
-    if args.clusters == "classes":
-        clusters = num_classes
-    elif args.clusters.isdigit() and int(args.clusters) >= num_classes:
-        clusters = int(args.clusters)
-    else:
-        raise ValueError(f"--clusters {args.clusters!r}: give 'classes' or an integer >= the {num_classes} classes")
-    result = overcluster(np.asarray(val.features), np.asarray(val.masks), tuple(val.meta["grid"]), num_classes,
-                         clusters, seeds=tuple(range(args.seeds)), pca_dim=args.pca_dim, iterations=args.iterations,
-                         restarts=args.restarts, ignore_index=val.meta["ignore_index"])
+    for value in args.clusters:
+        if not (value == "classes" or (value.isdigit() and int(value) >= num_classes)):
+            raise ValueError(f"--clusters {value!r}: give 'classes' or an integer >= the {num_classes} classes")
     ckpt = load_checkpoint(args.checkpoint)
-    row = make_row("overcluster", {**result, "image_size": val.meta["image_size"], "seed": None},
-                   checkpoint=args.checkpoint, checkpoint_sha256=file_sha256(args.checkpoint),
-                   checkpoint_cfg=ckpt.get("config"), dataset=val.meta["dataset"], split=val.meta["split"],
-                   class_names=val.meta.get("class_names") or [], experiment=args.experiment,
-                   run_name=args.run_name, started=started)
-    write_row(row, args.out)
-    print(f"overclustering K={clusters}: mIoU {row['miou']:.2f} +- {row['miou_std']:.2f} -> {args.out}")
+    checkpoint_sha256 = file_sha256(args.checkpoint)
+    for value, out in zip(args.clusters, outputs):
+        started = time.time()
+        clusters = num_classes if value == "classes" else int(value)
+        result = overcluster(np.asarray(val.features), np.asarray(val.masks), tuple(val.meta["grid"]), num_classes,
+                             clusters, seeds=tuple(range(args.seeds)), pca_dim=args.pca_dim,
+                             iterations=args.iterations, restarts=args.restarts, ignore_index=val.meta["ignore_index"])
+        row = make_row("overcluster", {**result, "image_size": val.meta["image_size"], "seed": None},
+                       checkpoint=args.checkpoint, checkpoint_sha256=checkpoint_sha256,
+                       checkpoint_cfg=ckpt.get("config"), dataset=val.meta["dataset"], split=val.meta["split"],
+                       class_names=val.meta.get("class_names") or [], experiment=args.experiment,
+                       run_name=args.run_name, started=started)
+        write_row(row, out)
+        print(f"overclustering K={clusters}: mIoU {row['miou']:.2f} +- {row['miou_std']:.2f} -> {out}")
+
+
+def _expand_rows(template: str, settings: list[tuple[float, int]]) -> list[str]:
+    """One in-context row path per (fraction, seed): ``{fraction}`` and ``{seed}`` filled in."""
+    if len(settings) > 1 and not ("{fraction}" in template and "{seed}" in template):
+        raise ValueError(f"--out {template!r}: several fractions/seeds give several rows, so the path must "
+                         "contain '{fraction}' and '{seed}', e.g. rows/f{fraction}-s{seed}.json")
+    return [template.replace("{fraction}", str(f)).replace("{seed}", str(s)) for f, s in settings]
+
+
+def _expand_out(template: str, key: str, values: list) -> list[str]:
+    """One output path per value: ``template`` must hold ``{key}`` when there are several values."""
+    if len(values) == 1:
+        return [template.replace("{" + key + "}", str(values[0]))]
+    if "{" + key + "}" not in template:
+        raise ValueError(f"--out {template!r}: with several {key} values the path must contain '{{{key}}}' "
+                         f"(one row per value), e.g. rows/{key}{{{key}}}.json")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{key} values repeat: {' '.join(map(str, values))}")
+    return [template.replace("{" + key + "}", str(v)) for v in values]
 
 
 def _dense_kwargs(args, device) -> dict:
@@ -511,6 +539,12 @@ def cmd_eval(args) -> None:
     from cribo.train.checkpoint import file_sha256, load_checkpoint
 
     started = time.time()
+    from cribo.eval.subsets import incontext_settings
+
+    settings = incontext_settings(args.fraction, args.seed, args.memory_size)
+    if args.train_list and len(settings) > 1:
+        raise ValueError("--train-list names one memory: give one --fraction and one --seed with it")
+    outputs = _expand_rows(args.out, settings)
     spec = get_spec(args.dataset, args.data_root)
     if args.train_features and args.val_features:
         train_store, val_store = load_store(args.train_features), load_store(args.val_features)
@@ -526,20 +560,23 @@ def cmd_eval(args) -> None:
             raise ValueError(f"feature store of dataset {store.meta['dataset']!r} given for --dataset {spec.name}")
     from cribo.eval.subsets import find_list_file, read_id_list
 
-    list_file = args.train_list or (find_list_file(args.list_dir, args.fraction, args.seed) if args.list_dir else None)
-    result = run_incontext(train_store, val_store, fraction=args.fraction, seed=args.seed, k=args.k,
-                           temperature=args.temperature, memory_size=args.memory_size,
-                           train_ids=read_id_list(list_file) if list_file else None, index_kind=args.index,
-                           progress=not args.no_progress)
-    if list_file:
-        result["train_list"] = str(list_file)
-    row = make_row("incontext", result, checkpoint=args.checkpoint,
-                   checkpoint_sha256=file_sha256(args.checkpoint), checkpoint_cfg=ckpt.get("config"),
-                   dataset=spec.name, split=val_store.meta["split"],
-                   class_names=val_store.meta.get("class_names") or list(spec.class_names),
-                   experiment=args.experiment, run_name=args.run_name, started=started)
-    write_row(row, args.out)
-    print(f"in-context mIoU {row['miou']:.2f} (Hungarian {row['miou_hungarian']:.2f}) -> {args.out}")
+    checkpoint_sha256 = file_sha256(args.checkpoint)
+    for (fraction, seed), out in zip(settings, outputs):
+        list_file = args.train_list or (find_list_file(args.list_dir, fraction, seed) if args.list_dir else None)
+        result = run_incontext(train_store, val_store, fraction=fraction, seed=seed, k=args.k,
+                               temperature=args.temperature, memory_size=args.memory_size,
+                               train_ids=read_id_list(list_file) if list_file else None, index_kind=args.index,
+                               progress=not args.no_progress)
+        if list_file:
+            result["train_list"] = str(list_file)
+        row = make_row("incontext", result, checkpoint=args.checkpoint,
+                       checkpoint_sha256=checkpoint_sha256, checkpoint_cfg=ckpt.get("config"),
+                       dataset=spec.name, split=val_store.meta["split"],
+                       class_names=val_store.meta.get("class_names") or list(spec.class_names),
+                       experiment=args.experiment, run_name=args.run_name, started=started)
+        write_row(row, out)
+        started = time.time()
+        print(f"in-context mIoU {row['miou']:.2f} (Hungarian {row['miou_hungarian']:.2f}) -> {out}")
 
 
 def cmd_figures(args) -> None:

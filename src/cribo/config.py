@@ -155,7 +155,7 @@ def artefact_settings(run_cfg: dict) -> dict:
         model = run_cfg["model"]
         return {"method": method, "data": run_cfg["data"],
                 "model": {"patch_size": model["patch_size"], "img_size": model["img_size"]}}
-    if method == "dino":  # the CrIBo section does not change a DINO run
+    if method in ("dino", "supervised"):  # the CrIBo section does not change these runs
         return {k: v for k, v in run_cfg.items() if k not in NON_ARTEFACT_KEYS + ("cribo",)}
     return {k: v for k, v in run_cfg.items() if k not in NON_ARTEFACT_KEYS}
 

@@ -1,6 +1,7 @@
 # Names and paths shared by the rules. Run settings are resolved by the cribo library, which also
 # computes the run ids that every artefact path carries.
 from cribo.config import ConfigError, dataset_root, resolve_runs, run_id, short_hash
+from cribo.eval.subsets import incontext_settings
 
 EXPERIMENT = config["experiment"]
 CONFIG_SOURCE = " + ".join(["config/config.yaml", *map(str, workflow.overwrite_configfiles)])
@@ -26,6 +27,11 @@ DATA_ROOT = dataset_root(config)
 DATA_INPUT = DATA_ROOT if DATASET == "toyscenes" else f"{DATA_ROOT}/.prepared.json"
 EVAL = config["evaluate"]
 INCONTEXT = EVAL["incontext"]
+# floats, as the CLI parses them: a fraction written 1 in the config is the row f1.0
+INCONTEXT_FRACTIONS = [float(f) for f in INCONTEXT["fractions"]]
+INCONTEXT_SETTINGS = incontext_settings(INCONTEXT_FRACTIONS, INCONTEXT["seeds"], INCONTEXT["memory_size"])
+# threads of one evaluation job and of one pretraining (Snakemake runs jobs side by side up to --cores)
+PRETRAIN_THREADS = config["pretrain_threads"]
 # Folder names that carry the settings of the artefacts inside them.
 # The dataset folder is hashed in too: a regenerated or moved dataset must not reuse old features
 # (a DVC experiment's temporary copy has no Snakemake metadata to notice the change otherwise).
@@ -68,13 +74,8 @@ wildcard_constraints:
 
 def incontext_rows():
     """Every (run, fraction, seed) row of the in-context table; a full memory needs one seed."""
-    rows = []
-    for rid in RUN_IDS.values():
-        for fraction in INCONTEXT["fractions"]:
-            deterministic = fraction == 1 and INCONTEXT["memory_size"] is None
-            for seed in INCONTEXT["seeds"][:1] if deterministic else INCONTEXT["seeds"]:
-                rows.append(f"results/{EXPERIMENT}/{rid}/eval/incontext/{INCONTEXT_ID}/f{fraction}-s{seed}.json")
-    return rows
+    return [f"results/{EXPERIMENT}/{rid}/eval/incontext/{INCONTEXT_ID}/f{fraction}-s{seed}.json"
+            for rid in RUN_IDS.values() for fraction, seed in INCONTEXT_SETTINGS]
 
 
 def overcluster_rows():

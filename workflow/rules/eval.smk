@@ -5,28 +5,32 @@ SPEC = get_spec(DATASET)
 
 
 rule eval_incontext:
+    # every (fraction, seed) row of one run in one job: the stores are loaded once
     input:
         summary=f"{RUN_DIR}/pretrain/summary.json",
         train=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.train_split}-{MEMORY_PASSES}",
         val=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.val_split}-{QUERY_PASSES}",
     output:
-        f"{RUN_DIR}/eval/incontext/{INCONTEXT_ID}/f{{fraction}}-s{{seed}}.json",
+        [f"{RUN_DIR}/eval/incontext/{INCONTEXT_ID}/f{fraction}-s{seed}.json" for fraction, seed in INCONTEXT_SETTINGS],
     log:
-        f"logs/{{experiment}}/{{run_id}}/incontext-{INCONTEXT_ID}-f{{fraction}}-s{{seed}}.log",
+        f"logs/{{experiment}}/{{run_id}}/incontext-{INCONTEXT_ID}.log",
     benchmark:
-        f"logs/benchmarks/{{experiment}}/{{run_id}}/incontext-{INCONTEXT_ID}-f{{fraction}}-s{{seed}}.tsv"
-    threads: workflow.cores
+        f"logs/benchmarks/{{experiment}}/{{run_id}}/incontext-{INCONTEXT_ID}.tsv"
+    threads: EVAL["threads"]
     params:
         ckpt=lambda wc, input: os.path.join(os.path.dirname(input.summary), "checkpoint.pth"),
         name=lambda wc: RUN_NAME[wc.run_id],
         memory=f"--memory-size {INCONTEXT['memory_size']}" if INCONTEXT["memory_size"] else "",
+        fractions=" ".join(str(f) for f in INCONTEXT_FRACTIONS),
+        seeds=" ".join(str(s) for s in INCONTEXT["seeds"]),
+        out=lambda wc: f"results/{wc.experiment}/{wc.run_id}/eval/incontext/{INCONTEXT_ID}/f{{fraction}}-s{{seed}}.json",
     shell:
         "cribo eval incontext --checkpoint {params.ckpt} --dataset {DATASET} --data-root {DATA_ROOT} "
         "--train-features {input.train} --val-features {input.val} "
         "--k {INCONTEXT[k]} --temperature {INCONTEXT[temperature]} {params.memory} "
-        "--fraction {wildcards.fraction} --seed {wildcards.seed} "
+        "--fraction {params.fractions} --seed {params.seeds} "
         "--experiment {wildcards.experiment} --run-name {params.name} "
-        "--out {output} --no-progress > {log} 2>&1"
+        "--out {params.out:q} --no-progress > {log} 2>&1"
 
 
 rule figures:
@@ -51,24 +55,27 @@ rule figures:
 
 rule eval_overcluster:
     # k-means of the standardised, PCA-reduced validation features; clusters matched to classes
+    # (every K of one run in one job)
     input:
         summary=f"{RUN_DIR}/pretrain/summary.json",
         val=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.val_split}-{QUERY_PASSES}",
     output:
-        f"{RUN_DIR}/eval/overcluster/{OVERCLUSTER_ID}/k{{clusters}}.json",
+        [f"{RUN_DIR}/eval/overcluster/{OVERCLUSTER_ID}/k{k}.json" for k in OVERCLUSTER["clusters"]],
     log:
-        f"logs/{{experiment}}/{{run_id}}/overcluster-{OVERCLUSTER_ID}-k{{clusters}}.log",
+        f"logs/{{experiment}}/{{run_id}}/overcluster-{OVERCLUSTER_ID}.log",
     benchmark:
-        f"logs/benchmarks/{{experiment}}/{{run_id}}/overcluster-{OVERCLUSTER_ID}-k{{clusters}}.tsv"
-    threads: workflow.cores
+        f"logs/benchmarks/{{experiment}}/{{run_id}}/overcluster-{OVERCLUSTER_ID}.tsv"
+    threads: EVAL["threads"]
     params:
         ckpt=lambda wc, input: os.path.join(os.path.dirname(input.summary), "checkpoint.pth"),
         name=lambda wc: RUN_NAME[wc.run_id],
+        clusters=" ".join(str(k) for k in OVERCLUSTER["clusters"]),
+        out=lambda wc: f"results/{wc.experiment}/{wc.run_id}/eval/overcluster/{OVERCLUSTER_ID}/k{{clusters}}.json",
     shell:
         "cribo eval overcluster --checkpoint {params.ckpt} --val-features {input.val} "
-        "--clusters {wildcards.clusters} --seeds {OVERCLUSTER[seeds]} --pca-dim {OVERCLUSTER[pca_dim]} "
+        "--clusters {params.clusters} --seeds {OVERCLUSTER[seeds]} --pca-dim {OVERCLUSTER[pca_dim]} "
         "--iterations {OVERCLUSTER[iterations]} --restarts {OVERCLUSTER[restarts]} "
-        "--experiment {wildcards.experiment} --run-name {params.name} --out {output} > {log} 2>&1"
+        "--experiment {wildcards.experiment} --run-name {params.name} --out {params.out:q} > {log} 2>&1"
 
 
 rule eval_linear:
@@ -82,7 +89,7 @@ rule eval_linear:
         f"logs/{{experiment}}/{{run_id}}/linear-{{protocol}}-{{setting}}.log",
     benchmark:
         f"logs/benchmarks/{{experiment}}/{{run_id}}/linear-{{protocol}}-{{setting}}.tsv"
-    threads: workflow.cores
+    threads: EVAL["threads"]
     params:
         ckpt=lambda wc, input: os.path.join(os.path.dirname(input.summary), "checkpoint.pth"),
         name=lambda wc: RUN_NAME[wc.run_id],
@@ -104,7 +111,7 @@ rule eval_finetune:
         f"logs/{{experiment}}/{{run_id}}/finetune-{{decoder}}-{{setting}}.log",
     benchmark:
         f"logs/benchmarks/{{experiment}}/{{run_id}}/finetune-{{decoder}}-{{setting}}.tsv"
-    threads: workflow.cores
+    threads: EVAL["threads"]
     params:
         ckpt=lambda wc, input: os.path.join(os.path.dirname(input.summary), "checkpoint.pth"),
         name=lambda wc: RUN_NAME[wc.run_id],

@@ -13,7 +13,7 @@ rule extract:
         f"logs/{{experiment}}/{{run_id}}/extract-{FEATURES_ID}-{{split}}-{{passes}}.log",
     benchmark:
         f"logs/benchmarks/{{experiment}}/{{run_id}}/extract-{FEATURES_ID}-{{split}}-{{passes}}.tsv"
-    threads: workflow.cores
+    threads: EVAL["threads"]
     params:
         ckpt=lambda wc, input: os.path.join(os.path.dirname(input.summary), "checkpoint.pth"),
         size=EVAL["image_size"],

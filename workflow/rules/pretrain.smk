@@ -32,7 +32,7 @@ rule pretrain:
         "logs/{experiment}/{run_id}/pretrain.log",
     benchmark:
         "logs/benchmarks/{experiment}/{run_id}/pretrain.tsv"
-    threads: workflow.cores
+    threads: lambda wc: min(workflow.cores, PRETRAIN_THREADS)
     resources:
         # processes (GPUs) of the run: 0 locally (one CPU process); the SLURM profile asks for N GPUs
         # (-> sbatch --gpus=N) and `cribo train` then relaunches itself under torchrun --standalone

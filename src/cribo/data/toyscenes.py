@@ -1,20 +1,22 @@
 """``toyscenes``: the embedded dataset, generated deterministically on any machine.
 
 Scene-centric images in the spirit of COCO at toy scale: each image has one or two background
-"stuff" regions and two to four objects of distinct classes that may partly occlude each other.
+"stuff" regions and two or three objects of distinct classes that may partly occlude each other.
 
-- Stuff classes (ids 0-2): ``waves``, ``blotches``, ``bricks``, each its own texture family.
-- Object classes (ids 3-8): each its own shape *and* its own texture: ``disk`` (solid),
-  ``square`` (checker), ``triangle`` (stripes), ``star`` (concentric rings), ``cross`` (dots),
-  ``hexagon`` (gradient).
+- Stuff classes (ids 0-2): ``waves`` (horizontal stripes), ``gravel`` (speckle), ``tiles`` (grid).
+- Object classes (ids 3-8), each its own shape *and* texture: ``disk`` (vertical stripes),
+  ``square`` (checker), ``triangle`` (dots), ``star`` (crosshatch), ``cross`` (plain),
+  ``hexagon`` (one diagonal).
 
-Every colour, of stuff and objects alike, is drawn from one palette shared by all classes, and
-every texture covers about half of its object with each of its two colours; the solid disk is
-painted in a random mix of its two colours, so neither its mean colour nor its pixel colours
-stand out from those of the textured classes.
-Class identity therefore cannot be read from colour: it lies in shape and texture, which is what
-dense self-supervised features must learn. (With class-specific colours a randomly initialised
-network already retrieves the classes well and the toy table would say nothing about learning.)
+Every colour, of stuff and objects alike, is drawn from one palette shared by all classes (two
+per region), so class identity cannot be read from colour: it lies in texture and shape. Textures
+sit at the scale of a patch (periods of 3-6 px at 64 px, scaled with the image size), so a patch
+of 8 px can tell its class once a network looks past colour; raw pixels and an untrained network
+mostly match colours. That gap is what the toy table measures: what pretraining taught the network
+to see. Orientation cues survive a horizontal flip (horizontal/vertical stripes, both diagonals
+in one texture, one diagonal either way), so no pretraining augmentation maps a class onto another.
+(Generator version 2, with object-frame textures and 112 px images, left every run at the floors
+within the demo's budget: even a supervised backbone barely learned it in a hundred steps.)
 
 Files written under ``root`` (the Pascal VOC layout, plus COCO instances so both kinds of
 loaders serve it)::
@@ -39,21 +41,23 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 from pycocotools import mask as mask_utils
 
-STUFF_CLASSES = ("waves", "blotches", "bricks")
+STUFF_CLASSES = ("waves", "gravel", "tiles")
 OBJECT_CLASSES = ("disk", "square", "triangle", "star", "cross", "hexagon")
+# the texture of each class, in class-id order (stuff, then objects)
+TEXTURES = ("hstripes", "speckle", "grid", "vstripes", "checker", "dots", "crosshatch", "plain", "diagonal")
 CLASS_NAMES = STUFF_CLASSES + OBJECT_CLASSES
 IGNORE_INDEX = 255
-# Version 2 (version 1 differs in pixels): textures sized in pixels so small objects show them,
-# occlusion bounded at placement instead of voiding hidden objects, colour mixes balanced.
-GENERATOR_VERSION = 2
+# Version 3: one patch-scale texture per class in image coordinates, 2-3 larger objects, no blur.
+# (Version 2: object-frame textures; version 1 differs in pixels.)
+GENERATOR_VERSION = 3
 _SPLIT_CODES = {"train": 1, "val": 2}
 _MIN_VISIBLE = 0.5  # every object keeps at least half of its area after occlusion
 _PLACEMENT_TRIES = 50
-_REF_SIZE = 112.0  # texture periods below are in pixels at this image size and scale with it
-_MIN_PERIOD = 4.0  # no texture finer than this many pixels: it would alias into noise
+_REF_SIZE = 64.0  # texture periods below are in pixels at this image size and scale with it
+_MIN_PERIOD = 3.0  # no texture finer than this many pixels: it would alias into noise
 
 
 def _palette_colour(rng: np.random.Generator) -> np.ndarray:
@@ -83,32 +87,53 @@ def _period(rng: np.random.Generator, low: float, high: float, scale: float) -> 
     return max(_MIN_PERIOD, rng.uniform(low, high) * scale)
 
 
-# ---------------- stuff textures (image coordinates, pixels) ----------------
+# ---------------- textures: one per class, at the scale of a patch ----------------
+#
+# Every class has its own texture, drawn in image coordinates with a random phase and period, in
+# two colours of the shared palette. Textures are what tells classes apart: a patch of 8 px holds
+# one or two periods of any of them, so a network can read its class locally once it ignores
+# colour. Orientations are chosen so that a horizontal flip (a pretraining augmentation) maps
+# every texture to its own class: horizontal and vertical stripes, both diagonals together.
 
-def _stuff_pattern(cls: int, ys: np.ndarray, xs: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    scale = size / _REF_SIZE
-    if cls == 0:  # waves: sinusoidal bands at any orientation, with a slow wobble along them
-        theta = rng.uniform(0, np.pi)
-        u = xs * np.cos(theta) + ys * np.sin(theta)
-        v = -xs * np.sin(theta) + ys * np.cos(theta)
-        wobble = 2.5 * np.sin(2 * np.pi * v / (rng.uniform(40, 70) * scale) + rng.uniform(0, 2 * np.pi))
-        return 0.5 + 0.5 * np.sin(2 * np.pi * u / _period(rng, 12, 22, scale) + wobble + rng.uniform(0, 2 * np.pi))
-    if cls == 1:  # blotches: low-frequency noise cut at its median (camouflage), finer than objects
-        cells = int(rng.integers(7, 12))
-        noise = Image.fromarray((rng.random((cells, cells)) * 255).astype(np.uint8))
-        field = np.asarray(noise.resize((size, size), Image.BICUBIC), dtype=np.float64)
-        return (field > np.median(field)).astype(np.float64)
-    # bricks: rows of offset rectangles separated by mortar lines
-    brick_h = _period(rng, 6, 10, scale)
-    brick_w = brick_h * rng.uniform(1.8, 2.6)
-    mortar = max(1.0, 1.5 * scale)
-    ys = ys + rng.uniform(0, brick_h)
-    row = np.floor(ys / brick_h)
-    shifted = xs + (row % 2) * brick_w / 2 + rng.uniform(0, brick_w)
-    return (((ys % brick_h) < mortar) | ((shifted % brick_w) < mortar)).astype(np.float64)
+def _stripes(axis: np.ndarray, period: float, rng: np.random.Generator, duty: float = 0.5) -> np.ndarray:
+    return (((axis / period + rng.uniform(0, 1)) % 1.0) < duty).astype(np.float64)
 
 
-# ---------------- object shapes (u, v in units of the radius) and textures ----------------
+def _texture(name: str, ys: np.ndarray, xs: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """``H x W`` pattern in [0, 1] of texture ``name`` (mixed with two colours by :func:`_blend`)."""
+    if name == "hstripes":
+        return _stripes(ys, _period(rng, 4.0, 5.5, scale), rng)
+    if name == "vstripes":
+        return _stripes(xs, _period(rng, 4.0, 5.5, scale), rng)
+    if name == "checker":
+        cell = _period(rng, 4.0, 5.5, scale) / 2
+        oy, ox = rng.uniform(0, 2 * cell, size=2)
+        return ((np.floor((ys + oy) / cell) + np.floor((xs + ox) / cell)) % 2).astype(np.float64)
+    if name == "crosshatch":  # both diagonals: thin lines on a plain ground
+        p = _period(rng, 5.0, 6.5, scale)
+        return np.maximum(_stripes(xs + ys, p, rng, 0.3), _stripes(xs - ys, p, rng, 0.3))
+    if name == "grid":  # horizontal and vertical thin lines
+        p = _period(rng, 5.0, 6.5, scale)
+        return np.maximum(_stripes(xs, p, rng, 0.3), _stripes(ys, p, rng, 0.3))
+    if name == "dots":
+        p = _period(rng, 4.5, 6.0, scale)
+        oy, ox = rng.uniform(0, p, size=2)
+        return (((((ys + oy) / p) % 1 - 0.5) ** 2 + (((xs + ox) / p) % 1 - 0.5) ** 2) < 0.09).astype(np.float64)
+    if name == "speckle":  # random cells of 2 px: fine grain without orientation
+        cell = max(2.0, 2.0 * scale)
+        size = ys.shape[0]
+        cells = int(np.ceil(size / cell)) + 1
+        grain = rng.random((cells, cells)) < 0.5
+        return grain[(ys / cell).astype(int), (xs / cell).astype(int)].astype(np.float64)
+    if name == "plain":  # one colour: the absence of texture is this class's cue
+        return np.full_like(ys, float(rng.random() < 0.5))
+    if name == "diagonal":  # one diagonal, either way (a flip maps one onto the other)
+        p = _period(rng, 4.0, 5.5, scale)
+        return _stripes(xs + ys if rng.random() < 0.5 else xs - ys, p, rng)
+    raise ValueError(name)
+
+
+# ---------------- object shapes (u, v in units of the radius) ----------------
 
 def _shape(cls: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     if cls == 0:  # disk
@@ -127,30 +152,6 @@ def _shape(cls: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.all([np.abs(u * np.cos(a) + v * np.sin(a)) <= 0.87 for a in normals], axis=0)
 
 
-def _object_pattern(cls: int, u: np.ndarray, v: np.ndarray, radius: float, scale: float,
-                    rng: np.random.Generator) -> np.ndarray:
-    """Texture in [0, 1] covering about half of the object with each colour.
-
-    Periods are in pixels, not in units of the radius, so small objects keep a visible texture.
-    """
-    up, vp = u * radius, v * radius
-    if cls == 0:
-        # Solid in a random mix of the two colours: a pure palette colour would make disks' mean
-        # colours stand out (textures average two colours), an even mix their pixel colours.
-        return np.full_like(u, rng.uniform(0.0, 1.0))
-    if cls == 1:  # checker
-        cell = _period(rng, 8, 12, scale) / 2
-        return ((np.floor(up / cell) + np.floor(vp / cell)) % 2).astype(np.float64)
-    if cls == 2:  # stripes
-        return (np.sin(2 * np.pi * vp / _period(rng, 6, 10, scale) + rng.uniform(0, 2 * np.pi)) > 0).astype(np.float64)
-    if cls == 3:  # concentric rings
-        return (np.sin(2 * np.pi * np.hypot(up, vp) / _period(rng, 6, 9, scale)) > 0).astype(np.float64)
-    if cls == 4:  # dots of radius 0.4 period: they cover half of the area
-        p = _period(rng, 6, 9, scale)
-        return ((((up / p) % 1 - 0.5) ** 2 + ((vp / p) % 1 - 0.5) ** 2) < 0.16).astype(np.float64)
-    return np.clip((u + 1) / 2, 0, 1)  # gradient across the object
-
-
 def _background(rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray, size: int,
                 image: np.ndarray, labels: np.ndarray) -> None:
     """One stuff region, or two split by a straight or wavy line."""
@@ -165,7 +166,7 @@ def _background(rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray, size: 
     for k, cls in enumerate(stuff):
         where = region if k == 1 else ~region
         c1, c2 = _two_colours(rng)
-        image[where] = _blend(_stuff_pattern(int(cls), ys, xs, size, rng), c1, c2)[where]
+        image[where] = _blend(_texture(TEXTURES[int(cls)], ys, xs, size / _REF_SIZE, rng), c1, c2)[where]
         labels[where] = cls
 
 
@@ -183,7 +184,7 @@ def render_scene(seed: int, split: str, index: int, size: int) -> tuple[np.ndarr
 
     # Objects are painted in order, later ones on top. A placement is redrawn when it would hide
     # more than half of an object below it, so every object stays recognisable by its shape.
-    classes = rng.permutation(len(OBJECT_CLASSES))[: int(rng.integers(2, 5))]
+    classes = rng.permutation(len(OBJECT_CLASSES))[: int(rng.integers(2, 4))]
     owner = np.full((size, size), -1, np.int64)
     full_area, visible_area, placed = [], [], []
     for cls in classes:
@@ -191,7 +192,7 @@ def render_scene(seed: int, split: str, index: int, size: int) -> tuple[np.ndarr
         # the first two objects must be placed (at least two per image); later ones may be dropped
         tries = _PLACEMENT_TRIES * (20 if len(placed) < 2 else 1)
         for _ in range(tries):
-            radius = rng.uniform(0.075, 0.225) * size
+            radius = rng.uniform(0.14, 0.26) * size
             cx, cy = rng.uniform(0.6 * radius, size - 0.6 * radius, size=2)
             theta = rng.uniform(0, 2 * np.pi)
             dx, dy = (xs - cx) / radius, (ys - cy) / radius
@@ -207,7 +208,8 @@ def render_scene(seed: int, split: str, index: int, size: int) -> tuple[np.ndarr
                 raise RuntimeError(f"toyscenes: could not place two objects in {split} image {index}")
             continue
         c1, c2 = _two_colours(rng)
-        image[inside] = _blend(_object_pattern(cls, u, v, radius, size / _REF_SIZE, rng), c1, c2)[inside]
+        pattern = _texture(TEXTURES[len(STUFF_CLASSES) + cls], ys, xs, size / _REF_SIZE, rng)
+        image[inside] = _blend(pattern, c1, c2)[inside]
         for j in range(len(placed)):
             visible_area[j] -= covered[j]
         owner[inside] = len(placed)
@@ -230,7 +232,7 @@ def render_scene(seed: int, split: str, index: int, size: int) -> tuple[np.ndarr
     labels[border] = IGNORE_INDEX
 
     image += rng.normal(0, 6, image.shape)  # sensor noise
-    picture = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.5))
+    picture = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
     return np.asarray(picture), labels, instances
 
 

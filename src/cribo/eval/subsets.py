@@ -39,3 +39,16 @@ def find_list_file(list_dir: str | Path, fraction: float, seed: int) -> Path:
         raise ValueError(f"{what} for fraction {fraction:g} (folder 1_div_{divisor}) and seed {seed} in {list_dir}; "
                          f"available: {found or 'no 1_div_<D> folders'}")
     return matches[0]
+
+
+def incontext_settings(fractions: list[float], seeds: list[int], memory_size: int | None) -> list[tuple[float, int]]:
+    """The (fraction, seed) pairs an in-context evaluation runs.
+
+    A full memory of every training image (fraction 1, no ``memory_size`` sampling) draws nothing,
+    so its seeds would all give the same row: it runs with the first seed only.
+    """
+    pairs = []
+    for fraction in fractions:
+        deterministic = float(fraction) == 1 and memory_size is None
+        pairs.extend((fraction, seed) for seed in (seeds[:1] if deterministic else seeds))
+    return pairs

@@ -4,7 +4,7 @@ Follows DINO's ``DataAugmentationDINO`` (and CrIBo's ``DataAugmentationCrIBo``),
 torchvision ``transforms.v2`` and driven by torch's RNG (``torch.manual_seed`` makes it repeatable):
 
 - global view 1: RandomResizedCrop (bicubic, antialiased) -> flip -> ColorJitter(0.4, 0.4, 0.2, 0.1)
-  with p=0.8 -> grayscale p=0.2 -> Gaussian blur p=1.0 -> float + Normalize;
+  (``dino.color_jitter``) with p=0.8 -> grayscale p=0.2 -> Gaussian blur p=1.0 -> float + Normalize;
 - global view 2: the same, but blur p=0.1 and Solarize (threshold 128 on 8-bit values) p=0.2;
 - local views: a smaller crop at ``local_scale``, same flip/colour, blur p=0.5.
 
@@ -48,8 +48,16 @@ def _to_tensor(mean, std) -> list[T.Transform]:
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
 
 
-def _colour() -> list[T.Transform]:
-    return [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)]
+DEFAULT_JITTER = (0.4, 0.4, 0.2, 0.1)  # DINO's and CrIBo's (brightness, contrast, saturation, hue)
+
+
+def _colour(jitter=DEFAULT_JITTER) -> list[T.Transform]:
+    return [T.RandomApply([T.ColorJitter(*jitter)], p=0.8), T.RandomGrayscale(p=0.2)]
+
+
+def colour_transforms(jitter=DEFAULT_JITTER) -> T.Compose:
+    """The views' colour distortion alone (jitter p=0.8, grayscale p=0.2) on ``3 x H x W`` [0, 1] images."""
+    return T.Compose(_colour(jitter))
 
 
 class DINOViews:
@@ -62,7 +70,7 @@ class DINOViews:
 
     def __init__(self, global_size: int = 96, local_size: int = 48, num_local_crops: int = 0,
                  global_scale: tuple[float, float] = (0.25, 1.0), local_scale: tuple[float, float] = (0.05, 0.25),
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, jitter=DEFAULT_JITTER):
         if num_local_crops < 0:
             raise ValueError(f"num_local_crops must be >= 0, got {num_local_crops}")
 
@@ -71,10 +79,10 @@ class DINOViews:
                     T.RandomHorizontalFlip()]
 
         tail = _to_tensor(mean, std)
-        self.global_1 = T.Compose(crop(global_size, global_scale) + _colour() + [_blur(global_size, 1.0)] + tail)
-        self.global_2 = T.Compose(crop(global_size, global_scale) + _colour() + [_blur(global_size, 0.1),
+        self.global_1 = T.Compose(crop(global_size, global_scale) + _colour(jitter) + [_blur(global_size, 1.0)] + tail)
+        self.global_2 = T.Compose(crop(global_size, global_scale) + _colour(jitter) + [_blur(global_size, 0.1),
                                   T.RandomSolarize(threshold=128, p=0.2)] + tail)
-        self.local = T.Compose(crop(local_size, local_scale) + _colour() + [_blur(local_size, 0.5)] + tail)
+        self.local = T.Compose(crop(local_size, local_scale) + _colour(jitter) + [_blur(local_size, 0.5)] + tail)
         self.num_local_crops = num_local_crops
 
     def __call__(self, image) -> list[torch.Tensor]:
@@ -88,11 +96,12 @@ class CrIBoViews:
     maps of original-image (x, y) pixel coordinates (bicubic resampling of the coordinate grid, as
     the official code does)."""
 
-    def __init__(self, size: int = 96, scale: tuple[float, float] = (0.25, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, size: int = 96, scale: tuple[float, float] = (0.25, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 jitter=DEFAULT_JITTER):
         self.size, self.scale = size, scale
         tail = _to_tensor(mean, std)
-        self.colour_1 = T.Compose(_colour() + [_blur(size, 1.0)] + tail)
-        self.colour_2 = T.Compose(_colour() + [_blur(size, 0.1), T.RandomSolarize(threshold=128, p=0.2)] + tail)
+        self.colour_1 = T.Compose(_colour(jitter) + [_blur(size, 1.0)] + tail)
+        self.colour_2 = T.Compose(_colour(jitter) + [_blur(size, 0.1), T.RandomSolarize(threshold=128, p=0.2)] + tail)
 
     def crop_with_positions(self, image, box: tuple[int, int, int, int] | None = None, flip: bool | None = None):
         """Crop ``box = (top, left, height, width)`` (random when None), resize, maybe flip."""

@@ -137,8 +137,10 @@ def train(cfg: dict, output_dir: str | Path) -> Path:
         write_run_config(cfg, output_dir / "config.yaml")
         atomic_write_text(output_dir / "provenance.json", json.dumps(provenance(dist_info.world_size), indent=2))
     try:
+        from cribo.train.supervised import train_supervised
+
         trainer = {"dino": train_self_distillation, "cribo": train_self_distillation,
-                   "random": save_random, "pixels": fit_pixel_mean}[cfg["method"]]
+                   "random": save_random, "pixels": fit_pixel_mean, "supervised": train_supervised}[cfg["method"]]
         trainer(cfg, output_dir, dist_info)
     finally:
         barrier()
@@ -290,9 +292,10 @@ def train_self_distillation(cfg: dict, output_dir: Path, dist_info: DistInfo) ->
         views = DINOViews(global_size=model_cfg["img_size"], local_size=dino_cfg["local_crop_size"],
                           num_local_crops=dino_cfg["local_crops_number"],
                           global_scale=tuple(dino_cfg["global_crops_scale"]),
-                          local_scale=tuple(dino_cfg["local_crops_scale"]))
+                          local_scale=tuple(dino_cfg["local_crops_scale"]), jitter=tuple(dino_cfg["color_jitter"]))
     else:  # CrIBo: two global views with their original-image position maps, no local crops
-        views = CrIBoViews(model_cfg["img_size"], tuple(dino_cfg["global_crops_scale"]))
+        views = CrIBoViews(model_cfg["img_size"], tuple(dino_cfg["global_crops_scale"]),
+                           jitter=tuple(dino_cfg["color_jitter"]))
     dataset = UnlabeledImages(list_pretrain_images(cfg["data"]["root"], cfg["data"]["split"]), views)
     sampler = ResumableEpochSampler(len(dataset), optim_cfg["batch_size"], dist_info.rank, dist_info.world_size,
                                     seed=cfg["seed"])

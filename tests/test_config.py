@@ -27,7 +27,7 @@ def test_bad_value_is_an_error_naming_the_path():
     with pytest.raises(ConfigError, match="optim.epochs"):
         validate_run_config({"optim": {"epochs": 0}})
     with pytest.raises(ConfigError, match="method"):
-        validate_run_config({"method": "byol"})
+        validate_run_config({"method": "simclr"})  # not a method of this project
 
 
 def test_overrides_parse_yaml_values_and_create_sections():

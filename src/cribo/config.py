@@ -30,6 +30,12 @@ import yaml
 
 # Sections of the run config that never change the trained weights: left out of the run id.
 NON_ARTEFACT_KEYS = ("train",)
+# Sections a method never reads, so that tuning one method does not rename another's runs.
+METHOD_SECTIONS_IGNORED = {"dino": ("cribo", "byol", "orl"), "cribo": ("byol", "orl"),
+                           "byol": ("dino", "cribo", "orl"), "orl": ("dino", "cribo")}
+# optim keys (and defaults) added with the BYOL/ORL methods; the defaults reproduce the earlier behaviour
+OPTIM_KEYS_ADDED = {"optimizer": "adamw", "sgd_momentum": 0.9, "decay_all_parameters": False,
+                    "warmup_start_ratio": 0.0}
 
 
 class ConfigError(ValueError):
@@ -155,9 +161,13 @@ def artefact_settings(run_cfg: dict) -> dict:
         model = run_cfg["model"]
         return {"method": method, "data": run_cfg["data"],
                 "model": {"patch_size": model["patch_size"], "img_size": model["img_size"]}}
-    if method == "dino":  # the CrIBo section does not change a DINO run
-        return {k: v for k, v in run_cfg.items() if k not in NON_ARTEFACT_KEYS + ("cribo",)}
-    return {k: v for k, v in run_cfg.items() if k not in NON_ARTEFACT_KEYS}
+    ignored = NON_ARTEFACT_KEYS + METHOD_SECTIONS_IGNORED.get(method, ())
+    settings = {k: v for k, v in run_cfg.items() if k not in ignored}
+    if "optim" in settings:
+        # keys added after the first runs: at their default they leave the run id unchanged
+        settings["optim"] = {k: v for k, v in settings["optim"].items()
+                             if k not in OPTIM_KEYS_ADDED or v != OPTIM_KEYS_ADDED[k]}
+    return settings
 
 
 def run_id(run_cfg: dict) -> str:

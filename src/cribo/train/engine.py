@@ -286,6 +286,7 @@ def train_method(method: Method, cfg: dict, output_dir: Path, dist_info: DistInf
         state.update(optimizer=optimizer.state_dict(), epoch=epochs_done, step_in_epoch=step_in_epoch,
                      global_step=epochs_done * steps_per_epoch + step_in_epoch,
                      world_size=dist_info.world_size, rng_states=rng_states, precision=precision,
+                     num_images=len(dataset),
                      sampler={"seed": sampler.seed, "epoch": epochs_done, "start_batch": step_in_epoch})
         if scaler.is_enabled():
             state["fp16_scaler"] = scaler.state_dict()

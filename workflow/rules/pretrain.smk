@@ -26,6 +26,7 @@ rule pretrain:
     input:
         data=pretrain_data_input,
         cfg=f"{RUN_DIR}/pretrain/run.yaml",
+        correspondence=orl_correspondence_input,  # ORL runs: the stage-2 file (workflow/rules/orl.smk)
     output:
         f"{RUN_DIR}/pretrain/summary.json",
     log:

@@ -9,7 +9,7 @@
    and its 10 neighbours' RoIs for every query (~11x the forwards).
 4. :func:`run_pairs` (per shard of query images): for each neighbour, the top ``int(ratio * B_q)``
    (at least 1) entries of the ``B_q x B_n`` cosine matrix; the neighbours' embeddings are read
-   from memory-mapped shard files, never all loaded at once.
+   from the shard files image by image, never all loaded at once.
 5. :func:`merge`: the shards -> one :class:`~cribo.method.correspondence.Correspondence` file and a
    summary (counts per image, similarity histogram).
 
@@ -216,27 +216,45 @@ def run_roi_embeddings(checkpoint, knn_file, proposals_file, output, device: str
 
 
 class ShardedRoIs:
-    """All RoI embeddings, as memory-mapped shard files: ``image(i) -> B_i x D`` without loading the rest."""
+    """All RoI embeddings, read from the shard files on demand: ``image(i) -> B_i x D`` float32.
+
+    Each read is one positioned file read of that image's rows (no memory map: the neighbours are
+    scattered over the index, and mapping would pull whole pages ranges into the process), so the
+    memory held is that of the current query and neighbour, whatever the size of the index.
+    """
 
     def __init__(self, proposal_files: list[Path], roi_files: list[Path]):
-        self.ranges, self.offsets, self.arrays = [], [], []
+        self.ranges, self.offsets, self.files = [], [], []
         for prop_file, roi_file in zip(proposal_files, roi_files):
             props = _load_npz(prop_file, "proposals shard")
             if not Path(roi_file).is_file():
                 raise Stage2Error(f"RoI embeddings not found: {roi_file}; run `cribo orl roi-embed` for that shard")
-            array = np.load(roi_file, mmap_mode="r")
-            if len(array) != props["box_offsets"][-1]:
-                raise Stage2Error(f"{roi_file} holds {len(array)} RoIs, {prop_file} {props['box_offsets'][-1]}: "
-                                  "stale shard; delete it and rerun `cribo orl roi-embed`")
+            fh = open(roi_file, "rb")
+            version = np.lib.format.read_magic(fh)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(fh)
+            if len(shape) != 2 or fortran or shape[0] != props["box_offsets"][-1]:
+                fh.close()
+                raise Stage2Error(f"{roi_file} holds {shape[0] if shape else 0} RoIs, {prop_file} "
+                                  f"{props['box_offsets'][-1]}: stale shard; delete it and rerun `cribo orl roi-embed`")
             self.ranges.append((int(props["start"]), int(props["stop"])))
             self.offsets.append(props["box_offsets"])
-            self.arrays.append(array)
+            self.files.append((fh, fh.tell(), dtype, shape[1]))
 
     def image(self, i: int) -> np.ndarray:
-        for (start, stop), offsets, array in zip(self.ranges, self.offsets, self.arrays):
+        for (start, stop), offsets, (fh, data_start, dtype, dim) in zip(self.ranges, self.offsets, self.files):
             if start <= i < stop:
-                return np.asarray(array[offsets[i - start]:offsets[i - start + 1]], dtype=np.float32)
+                first, last = offsets[i - start], offsets[i - start + 1]
+                row = dim * dtype.itemsize
+                fh.seek(data_start + int(first) * row)
+                rows = np.frombuffer(fh.read(int(last - first) * row), dtype=dtype)
+                return rows.reshape(-1, dim).astype(np.float32)
         raise Stage2Error(f"image {i} is in no RoI shard; the shards do not cover the image list, rerun stage 2")
+
+    def close(self) -> None:
+        for fh, *_ in self.files:
+            fh.close()
 
 
 def run_pairs(knn_file, proposal_files, roi_files, output, shard: int, num_shards: int, ratio: float = 0.1) -> dict:
@@ -245,13 +263,16 @@ def run_pairs(knn_file, proposal_files, roi_files, output, shard: int, num_shard
     rois = ShardedRoIs([Path(p) for p in proposal_files], [Path(p) for p in roi_files])
     start, stop = shard_range(len(knn), shard, num_shards)
     pairs, scores, offsets = [], [], [0]
-    for i in range(start, stop):
-        query = torch.from_numpy(rois.image(i))
-        for j in knn[i]:
-            found, sims = top_pairs(query, torch.from_numpy(rois.image(int(j))), ratio)
-            pairs.append(found.numpy().astype(np.int32))
-            scores.append(sims.numpy().astype(np.float32))
-            offsets.append(offsets[-1] + len(found))
+    try:
+        for i in range(start, stop):
+            query = torch.from_numpy(rois.image(i))
+            for j in knn[i]:
+                found, sims = top_pairs(query, torch.from_numpy(rois.image(int(j))), ratio)
+                pairs.append(found.numpy().astype(np.int32))
+                scores.append(sims.numpy().astype(np.float32))
+                offsets.append(offsets[-1] + len(found))
+    finally:
+        rois.close()
     _save_npz(Path(output), start=np.asarray(start), stop=np.asarray(stop),
               pairs=np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int32),
               pair_scores=np.concatenate(scores) if scores else np.zeros(0, np.float32),

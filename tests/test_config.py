@@ -27,7 +27,7 @@ def test_bad_value_is_an_error_naming_the_path():
     with pytest.raises(ConfigError, match="optim.epochs"):
         validate_run_config({"optim": {"epochs": 0}})
     with pytest.raises(ConfigError, match="method"):
-        validate_run_config({"method": "byol"})
+        validate_run_config({"method": "simclr"})  # not a method of this project
 
 
 def test_overrides_parse_yaml_values_and_create_sections():
@@ -92,6 +92,52 @@ def test_released_run_configs_validate_with_their_published_settings(name, arch,
     assert cfg["cribo"]["queue_size"] == 25000 and cfg["dino"]["out_dim"] == cfg["cribo"]["object_out_dim"] == 65536
     gpus = 16 if arch == "vit_base" else 8
     assert cfg["optim"]["batch_size"] * gpus == total_batch and cfg["optim"]["epochs"] == epochs
+
+
+@pytest.mark.parametrize("name, method, images_dataset", [
+    ("byol_r50_coco", "byol", "coco"), ("orl_r50_coco", "orl", "coco"),
+    ("byol_r50_cocoplus", "byol", "cocoplus"), ("orl_r50_cocoplus", "orl", "cocoplus"),
+])
+def test_released_orl_configs_have_the_official_recipe(name, method, images_dataset):
+    cfg = validate_run_config(load_yaml(f"config/runs/{name}.yaml"), name)
+    assert cfg["method"] == method and cfg["model"]["arch"] == "resnet50" and cfg["data"]["dataset"] == images_dataset
+    optim, byol = cfg["optim"], cfg["byol"]
+    # SGD lr 0.4 at a total batch of 512 (8 GPUs x 64): our peak is lr * total / 256
+    assert optim["optimizer"] == "sgd" and optim["sgd_momentum"] == 0.9
+    assert optim["batch_size"] * 8 == 512 and optim["lr"] * 512 / 256 == pytest.approx(0.4)
+    assert optim["weight_decay"] == optim["weight_decay_end"] == 1e-4 and optim["decay_all_parameters"]
+    assert (optim["warmup_epochs"], optim["epochs"], optim["min_lr"], optim["precision"]) == (4, 800, 0.0, "fp16")
+    assert (byol["projector_hidden_dim"], byol["out_dim"], byol["predictor_hidden_dim"]) == (4096, 256, 4096)
+    assert byol["momentum_target"] == 0.99
+    if method == "orl":
+        assert cfg["orl"]["roi_size"] == 96 and cfg["orl"]["loss_weights"] == {"global": 1.0, "intra": 1.0, "inter": 1.0}
+
+
+def test_vit_orl_configs_follow_cribos_coco_recipe():
+    cribo = validate_run_config(load_yaml("config/runs/cribo_vits16_coco.yaml"), "cribo")
+    for name in ("byol_vits16_coco", "orl_vits16_coco"):
+        cfg = validate_run_config(load_yaml(f"config/runs/{name}.yaml"), name)
+        assert "DEVIATION" in open(f"config/runs/{name}.yaml").read()
+        assert cfg["model"] == cribo["model"] and cfg["data"] == cribo["data"]
+        assert {k: cfg["optim"][k] for k in ("epochs", "batch_size", "lr", "weight_decay", "weight_decay_end")} == \
+            {k: cribo["optim"][k] for k in ("epochs", "batch_size", "lr", "weight_decay", "weight_decay_end")}
+        assert cfg["byol"]["momentum_target"] == cribo["dino"]["momentum_teacher"]
+
+
+def test_orl_runs_point_at_the_stage2_output_of_their_stage1_run():
+    from cribo.config import ConfigError, resolve_runs, run_id
+
+    cfg = {"experiment": "x", "dataset": {"name": "toyscenes", "root": "resources/toyscenes"}, "pretrain": {},
+           "runs": {"b": {"method": "byol"}, "o": {"method": "orl"}}, "orl": {"stage1": "b", "k": 3}}
+    runs = resolve_runs(cfg)
+    path = runs["o"]["orl"]["correspondence"]
+    assert path.startswith(f"results/x/{run_id(runs['b'])}/orl/") and path.endswith("/correspondence.npz")
+    other = resolve_runs({**cfg, "orl": {"stage1": "b", "k": 4}})["o"]["orl"]["correspondence"]
+    assert other != path and run_id(runs["o"]) != run_id(resolve_runs({**cfg, "orl": {"stage1": "b", "k": 4}})["o"])
+    sharded = resolve_runs({**cfg, "orl": {"stage1": "b", "k": 3, "shards": 8}})["o"]["orl"]["correspondence"]
+    assert sharded == path  # sharding does not change the result
+    with pytest.raises(ConfigError, match="orl.stage1"):
+        resolve_runs({**cfg, "runs": {"o": {"method": "orl"}}})
 
 
 def test_ablation_grid_expands_one_setting_at_a_time():

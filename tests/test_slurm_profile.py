@@ -44,3 +44,50 @@ def test_profile_never_sets_tasks_on_a_gpu_rule_and_polls_with_squeue():
             assert "tasks" not in res and "tasks_per_gpu" not in res, rule
     assert "tasks" not in profile["default-resources"]
     assert profile["slurm-status-command"] == "squeue"  # sacct hangs the plugin without slurmdbd
+
+
+def _sbatch_srun(train: dict) -> str:
+    """The sbatch line of rule pretrain_srun for a run with these train settings."""
+    from cribo.train.launch_layout import launch_layout
+
+    profile = yaml.safe_load(PROFILE.read_text())
+    layout = launch_layout(train)
+    resources = _Resources({**profile["default-resources"], **layout["resources"],
+                            **profile["set-resources"]["pretrain_srun"]})
+    resources.setdefault("gres", "")
+    job = SimpleNamespace(resources=resources, threads=profile["set-threads"]["pretrain_srun"], name="pretrain_srun")
+    params = {"run_uuid": "uuid", "slurm_logfile": "log", "comment_str": "pretrain_srun", "account": "",
+              "partition": "", "workdir": "/work"}
+    return get_submit_command(job, params) + set_gres_string(job)
+
+
+def test_two_nodes_of_four_gpus_from_the_run_config():
+    line = _sbatch_srun({"nodes": 2, "gpus_per_node": 4, "launcher": "auto"})
+    # per-node GPUs (gres), one task per GPU on each node, no per-job --gpus and no tasks per GPU
+    assert "--nodes=2" in line and "--ntasks-per-node=4" in line and "--gres=gpu:4" in line
+    assert "--gpus=" not in line and "--ntasks-per-gpu" not in line and "-t 72h" in line
+
+
+def test_srun_layout_on_one_node_with_two_cpu_tasks():
+    line = _sbatch_srun({"nodes": 1, "launcher": "srun", "tasks_per_node": 2})
+    assert "--nodes=1" in line and "--ntasks-per-node=2" in line and "gpu" not in line
+
+
+def test_launch_layouts_and_their_errors():
+    import pytest
+
+    from cribo.config import ConfigError
+    from cribo.train.launch_layout import launch_layout
+
+    single = launch_layout({"nodes": 1, "gpus_per_node": None, "launcher": "auto"})
+    assert single == {"launcher": "torchrun", "resources": {}}
+    assert launch_layout({"nodes": 1, "gpus_per_node": 4})["resources"] == {"gpu": 4}
+    multi = launch_layout({"nodes": 3, "gpus_per_node": 8})
+    assert multi["launcher"] == "srun"
+    assert multi["resources"] == {"nodes": 3, "tasks_per_node": 8, "mpi": "srun", "gres": "gpu:8"}
+    with pytest.raises(ConfigError, match="single-node"):
+        launch_layout({"nodes": 2, "gpus_per_node": 4, "launcher": "torchrun"})
+    with pytest.raises(ConfigError, match="one process per GPU"):
+        launch_layout({"nodes": 2, "gpus_per_node": 4, "tasks_per_node": 2})
+    with pytest.raises(ConfigError, match="at least 2 processes"):
+        launch_layout({"nodes": 2, "gpus_per_node": 1})

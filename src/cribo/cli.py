@@ -116,6 +116,46 @@ def build_parser() -> argparse.ArgumentParser:
                     help="processes (GPUs) on this node; N > 1 relaunches this command under torchrun --standalone "
                          "(0 or 1: one process). Under srun with one task per GPU, leave it at 1")
 
+    # ---- ORL stage 2 ----
+    orl = sub.add_parser("orl", help="ORL stage 2: correspondence discovery, as shardable steps (see README, ORL)")
+    orl_sub = orl.add_subparsers(dest="orl_command", required=True, metavar="STEP")
+    knn = orl_sub.add_parser("knn", help="image embeddings of the stage-1 run's images and their k nearest images")
+    knn.add_argument("--checkpoint", required=True, help="stage-1 (method byol) checkpoint.pth")
+    knn.add_argument("--k", type=int, default=10, help="neighbours per image (ORL: 10)")
+    knn.add_argument("--device", default="cpu")
+    knn.add_argument("--out", required=True, help="kNN file (.npz)")
+    props = orl_sub.add_parser("proposals", help="selective search + box filter of one shard of images")
+    props.add_argument("--knn", required=True, help="kNN file of `cribo orl knn` (holds the image list)")
+    props.add_argument("--shard", type=int, required=True)
+    props.add_argument("--num-shards", type=int, required=True)
+    props.add_argument("--min-size", type=int, default=96, help="smallest RoI side in pixels (ORL: 96)")
+    props.add_argument("--max-aspect-ratio", type=float, default=3.0)
+    props.add_argument("--max-iou", type=float, default=0.5)
+    props.add_argument("--top-n", type=int, default=100, help="RoIs kept per image (ORL: 100)")
+    props.add_argument("--out", required=True, help="proposals shard (.npz)")
+    roi = orl_sub.add_parser("roi-embed", help="one stage-1 backbone embedding per kept RoI of one shard")
+    roi.add_argument("--checkpoint", required=True, help="stage-1 (method byol) checkpoint.pth")
+    roi.add_argument("--knn", required=True)
+    roi.add_argument("--proposals", required=True, help="the shard's proposals file")
+    roi.add_argument("--device", default="cpu")
+    roi.add_argument("--out", required=True, help="RoI embeddings of the shard (.npy, float16)")
+    prs = orl_sub.add_parser("pairs", help="top RoI pairs of one shard of query images with their neighbours")
+    prs.add_argument("--knn", required=True)
+    prs.add_argument("--proposals", nargs="+", required=True, help="every proposals shard, in order")
+    prs.add_argument("--rois", nargs="+", required=True, help="every RoI-embedding shard, in order")
+    prs.add_argument("--shard", type=int, required=True)
+    prs.add_argument("--num-shards", type=int, required=True)
+    prs.add_argument("--ratio", type=float, default=0.1, help="pairs per neighbour = max(1, int(ratio * query RoIs))")
+    prs.add_argument("--out", required=True, help="pairs shard (.npz)")
+    mrg = orl_sub.add_parser("merge", help="shards -> one correspondence file, its summary and the pairs figure")
+    mrg.add_argument("--knn", required=True)
+    mrg.add_argument("--proposals", nargs="+", required=True)
+    mrg.add_argument("--pairs", nargs="+", required=True)
+    mrg.add_argument("--settings", default="{}", help="JSON of the stage-2 settings, recorded in the file")
+    mrg.add_argument("--out", required=True, help="correspondence file (.npz), orl.correspondence of stage 3")
+    mrg.add_argument("--summary", required=True, help="summary JSON (counts per image, similarity histogram)")
+    mrg.add_argument("--figure", default=None, help="PNG of the top-ranked cross-image pairs")
+
     # ---- export ----
     ib = sub.add_parser("import-baseline", help="turn pretrained weights (official, timm, export) into a baseline run checkpoint")
     ib.add_argument("--weights", required=True, help="weights file (any format --checkpoint takes)")
@@ -640,6 +680,32 @@ def cmd_curves(args) -> None:
     print(f"curves of {len(runs)} runs -> {write_curves(runs, args.out, args.metric, png=args.png)}")
 
 
+def cmd_orl(args) -> None:
+    from cribo.method import discovery
+    from cribo.method.proposals import BoxFilter
+
+    step = args.orl_command
+    if step == "knn":
+        result = discovery.run_knn(args.checkpoint, args.out, k=args.k, device=args.device)
+    elif step == "proposals":
+        settings = BoxFilter(args.min_size, args.max_aspect_ratio, args.max_iou, args.top_n)
+        result = discovery.run_proposals(args.knn, args.out, args.shard, args.num_shards, settings)
+    elif step == "roi-embed":
+        result = discovery.run_roi_embeddings(args.checkpoint, args.knn, args.proposals, args.out, device=args.device)
+    elif step == "pairs":
+        result = discovery.run_pairs(args.knn, args.proposals, args.rois, args.out, args.shard, args.num_shards,
+                                     ratio=args.ratio)
+    else:
+        result = discovery.merge(args.knn, args.proposals, args.pairs, args.out, args.summary, json.loads(args.settings))
+        if args.figure:
+            from cribo.method.correspondence import load_correspondence
+
+            root = str(np.load(args.knn)["root"])
+            discovery.plot_top_pairs(load_correspondence(args.out), root, args.figure)
+        result = {k: result[k] for k in ("images", "rois_per_image", "pairs_per_image", "file_bytes")}
+    print(f"orl {step}: {json.dumps(result)} -> {args.out}")
+
+
 def cmd_table(args) -> None:
     from cribo.results.tables import write_tables
 
@@ -649,7 +715,7 @@ def cmd_table(args) -> None:
 
 COMMANDS = {"data": cmd_data, "config": cmd_config, "train": cmd_train, "import-baseline": cmd_import_baseline,
             "export": cmd_export, "extract": cmd_extract,
-            "eval": cmd_eval, "table": cmd_table, "curves": cmd_curves, "figures": cmd_figures}
+            "eval": cmd_eval, "table": cmd_table, "orl": cmd_orl, "curves": cmd_curves, "figures": cmd_figures}
 
 
 def main(argv: list[str] | None = None) -> int:

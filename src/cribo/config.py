@@ -30,6 +30,13 @@ import yaml
 
 # Sections of the run config that never change the trained weights: left out of the run id.
 NON_ARTEFACT_KEYS = ("train",)
+# Sections a method never reads, so that tuning one method does not rename another's runs.
+METHOD_SECTIONS_IGNORED = {"dino": ("cribo", "byol", "orl"), "cribo": ("byol", "orl"),
+                           "byol": ("dino", "cribo", "orl"), "orl": ("dino", "cribo"),
+                           "supervised": ("cribo", "byol", "orl")}
+# optim keys (and defaults) added with the BYOL/ORL methods; the defaults reproduce the earlier behaviour
+OPTIM_KEYS_ADDED = {"optimizer": "adamw", "sgd_momentum": 0.9, "decay_all_parameters": False,
+                    "warmup_start_ratio": 0.0}
 
 
 class ConfigError(ValueError):
@@ -155,9 +162,13 @@ def artefact_settings(run_cfg: dict) -> dict:
         model = run_cfg["model"]
         return {"method": method, "data": run_cfg["data"],
                 "model": {"patch_size": model["patch_size"], "img_size": model["img_size"]}}
-    if method in ("dino", "supervised"):  # the CrIBo section does not change these runs
-        return {k: v for k, v in run_cfg.items() if k not in NON_ARTEFACT_KEYS + ("cribo",)}
-    return {k: v for k, v in run_cfg.items() if k not in NON_ARTEFACT_KEYS}
+    ignored = NON_ARTEFACT_KEYS + METHOD_SECTIONS_IGNORED.get(method, ())
+    settings = {k: v for k, v in run_cfg.items() if k not in ignored}
+    if "optim" in settings:
+        # keys added after the first runs: at their default they leave the run id unchanged
+        settings["optim"] = {k: v for k, v in settings["optim"].items()
+                             if k not in OPTIM_KEYS_ADDED or v != OPTIM_KEYS_ADDED[k]}
+    return settings
 
 
 def run_id(run_cfg: dict) -> str:
@@ -203,7 +214,41 @@ def resolve_runs(workflow_cfg: dict, source: str = "config/config.yaml") -> dict
         merged = deep_merge(shared, {"data": data})
         merged = deep_merge(merged, override or {})
         resolved[name] = validate_run_config(merged, f"{source} (runs.{name})")
+    _point_orl_runs_at_stage2(workflow_cfg, resolved, source)
     return resolved
+
+
+# ORL stage 2 in the workflow (the `orl` section of the workflow config), defaults = ORL's COCO settings
+ORL_STAGE2_DEFAULTS = {"stage1": "byol", "shards": 1, "k": 10, "min_size": 96, "max_aspect_ratio": 3.0,
+                       "max_iou": 0.5, "top_n": 100, "pair_ratio": 0.1}
+
+
+def orl_stage2_settings(workflow_cfg: dict) -> dict:
+    """The workflow's stage-2 settings, defaults filled in."""
+    return {**ORL_STAGE2_DEFAULTS, **(workflow_cfg.get("orl") or {})}
+
+
+def orl_stage2_dir(workflow_cfg: dict, stage1_run_id: str) -> str:
+    """Folder of the stage-2 artefacts: under the stage-1 run, named by the settings that change them."""
+    settings = orl_stage2_settings(workflow_cfg)
+    key = {k: v for k, v in settings.items() if k not in ("stage1", "shards")}  # sharding changes nothing
+    return f"results/{workflow_cfg['experiment']}/{stage1_run_id}/orl/{short_hash(key, 6)}"
+
+
+def _point_orl_runs_at_stage2(workflow_cfg: dict, resolved: dict, source: str) -> None:
+    """ORL runs without an explicit ``orl.correspondence`` get the workflow's stage-2 output of ``orl.stage1``."""
+    pending = [n for n, cfg in resolved.items() if cfg["method"] == "orl" and not cfg["orl"]["correspondence"]]
+    if not pending:
+        return
+    stage1 = orl_stage2_settings(workflow_cfg)["stage1"]
+    if stage1 not in resolved or resolved[stage1]["method"] != "byol":
+        raise ConfigError(f"{source}: runs {', '.join(pending)} (method orl) need a stage-1 run: orl.stage1 is "
+                          f"{stage1!r}, which is not a run with method byol; add e.g. runs: {{{stage1}: "
+                          "{method: byol}} or set orl.stage1")
+    path = f"{orl_stage2_dir(workflow_cfg, run_id(resolved[stage1]))}/correspondence.npz"
+    for name in pending:
+        resolved[name] = validate_run_config(deep_merge(resolved[name], {"orl": {"correspondence": path}}),
+                                             f"{source} (runs.{name})")
 
 
 def dataset_root(workflow_cfg: dict) -> str:

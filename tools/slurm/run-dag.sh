@@ -32,16 +32,24 @@ timeout -k 10 "$timeout_s" snakemake --workflow-profile profiles/slurm --configf
   --jobs 2 --cores 2 \
   --default-resources mem_mb=3000 runtime=60 \
   --set-resources pretrain:gpu=1 pretrain:cpus_per_gpu=1 pretrain:mem_mb=4000 pretrain:runtime=60 \
-  --set-threads pretrain=1 extract=1 eval_incontext=1 \
+                  pretrain_srun:mem_mb=4000 pretrain_srun:runtime=60 \
+  --set-threads pretrain=1 pretrain_srun=1 extract=1 eval_incontext=1 \
   --slurm-init-seconds-before-status-checks 5 --latency-wait 10
 echo "DAG through Slurm finished in $(( $(date +%s) - start )) s"
 
 grep -q '^slurmci,' results/tables/incontext.csv || { echo "no slurmci rows in the table" >&2; exit 1; }
 logs=(logs/slurmci/*/pretrain.log)
 [ "${#logs[@]}" -ge 1 ] && [ -e "${logs[0]}" ] || { echo "no pretrain logs" >&2; exit 1; }
+# the run with the srun layout (two tasks, CPU): the multi-node code path on one node
+srun_id=$(cribo config runs --config config/config.yaml | awk '$1 == "cribo_srun" {print $2}')
 for log in "${logs[@]}"; do
   grep -Eq 'SLURM_JOB_ID=[0-9]+' "$log" || { echo "$log: pretrain did not run as a Slurm job" >&2; exit 1; }
-  grep -q 'CUDA_VISIBLE_DEVICES=0' "$log" || { echo "$log: Slurm gave the pretrain job no GPU" >&2; exit 1; }
+  if [ "$log" = "logs/slurmci/$srun_id/pretrain.log" ]; then
+    grep -q 'launch: 2 process(es)' "$log" && grep -q 'SLURM_NTASKS=2' "$log" \
+      || { echo "$log: the srun layout did not start two tasks" >&2; exit 1; }
+  else
+    grep -q 'CUDA_VISIBLE_DEVICES=0' "$log" || { echo "$log: Slurm gave the pretrain job no GPU" >&2; exit 1; }
+  fi
 done
 grep -h 'SLURM_JOB_ID=' "${logs[@]}"
 cat results/tables/incontext.md

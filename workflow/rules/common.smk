@@ -19,6 +19,12 @@ for _name, _spec in BASELINES.items():
     RUN_IDS[_name] = short_hash({k: _spec.get(k) for k in ("weights", "timm_model", "method", "pretrain")})
 BASELINE_IDS = [RUN_IDS[n] for n in BASELINES]
 RUN_NAME = {rid: name for name, rid in RUN_IDS.items()}
+# the process layout of each trained run (cribo.train.launch_layout): torchrun on one node, or srun tasks
+from cribo.train.launch_layout import launch_layout
+
+LAYOUTS = {RUN_IDS[n]: launch_layout(cfg["train"], f"{CONFIG_SOURCE} (runs.{n})") for n, cfg in RUNS.items()}
+SRUN_IDS = [rid for rid, layout in LAYOUTS.items() if layout["launcher"] == "srun"]
+TORCHRUN_IDS = [rid for rid in TRAINED_IDS if rid not in SRUN_IDS] or ["-"]
 
 DATASET = config["dataset"]["name"]
 DATA_ROOT = dataset_root(config)
@@ -134,3 +140,8 @@ def finetune_options(wildcards):
             f"--lr {f['lr']} --weight-decay {f['weight_decay']} --layer-decay {f['layer_decay']} "
             f"--drop-path {f['drop_path']} --decoder-layers {f['decoder_layers']} --batch-size {f['batch_size']} "
             f"--seed {f['seed']} {dense_options()}")
+
+
+
+def run_layout(wildcards):
+    return LAYOUTS[wildcards.run_id]

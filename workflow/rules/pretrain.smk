@@ -22,10 +22,11 @@ rule run_config:
 
 rule pretrain:
     wildcard_constraints:
-        run_id="|".join(TRAINED_IDS),
+        run_id="|".join(TORCHRUN_IDS),
     input:
         data=pretrain_data_input,
         cfg=f"{RUN_DIR}/pretrain/run.yaml",
+        correspondence=orl_correspondence_input,  # ORL runs: the stage-2 file (workflow/rules/orl.smk)
     output:
         f"{RUN_DIR}/pretrain/summary.json",
     log:
@@ -34,14 +35,46 @@ rule pretrain:
         "logs/benchmarks/{experiment}/{run_id}/pretrain.tsv"
     threads: lambda wc: min(workflow.cores, PRETRAIN_THREADS)
     resources:
-        # processes (GPUs) of the run: 0 locally (one CPU process); the SLURM profile asks for N GPUs
-        # (-> sbatch --gpus=N) and `cribo train` then relaunches itself under torchrun --standalone
-        gpu=0,
+        # processes (GPUs) of the run: the run's train.gpus_per_node, else 0 (one CPU process); the
+        # SLURM profile's set-resources (gpu: 8) overrides it, -> sbatch --gpus=N, and `cribo train`
+        # then relaunches itself under torchrun --standalone
+        gpu=lambda wc: run_layout(wc)["resources"].get("gpu", 0),
     params:
         outdir=lambda wc, output: os.path.dirname(output[0]),
     shell:
         "cribo train --config {input.cfg} --output-dir {params.outdir} --nproc-per-node {resources.gpu} "
         "--set train.threads={threads} --summary {output} > {log} 2>&1"
+
+
+if SRUN_IDS:
+
+    rule pretrain_srun:
+        # runs whose train settings ask for several nodes (or launcher: srun): the job gets
+        # train.nodes nodes with train.gpus_per_node GPUs (per-node gres) and one srun task per GPU
+        # (cribo.train.launch_layout); no torchrun, `cribo train` reads SLURM_PROCID/NTASKS/LOCALID
+        wildcard_constraints:
+            run_id="|".join(SRUN_IDS),
+        input:
+            data=pretrain_data_input,
+            cfg=f"{RUN_DIR}/pretrain/run.yaml",
+            correspondence=orl_correspondence_input,
+        output:
+            f"{RUN_DIR}/pretrain/summary.json",
+        log:
+            "logs/{experiment}/{run_id}/pretrain.log",
+        benchmark:
+            "logs/benchmarks/{experiment}/{run_id}/pretrain.tsv"
+        threads: 1  # torch threads per process (set-threads in the SLURM profile)
+        resources:
+            nodes=lambda wc: run_layout(wc)["resources"]["nodes"],
+            tasks_per_node=lambda wc: run_layout(wc)["resources"]["tasks_per_node"],
+            gres=lambda wc: run_layout(wc)["resources"].get("gres", ""),
+            mpi="srun",
+        params:
+            outdir=lambda wc, output: os.path.dirname(output[0]),
+        shell:
+            "{resources.mpi} cribo train --config {input.cfg} --output-dir {params.outdir} "
+            "--set train.threads={threads} --summary {output} > {log} 2>&1"
 
 
 if BASELINES:

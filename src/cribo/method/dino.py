@@ -1,4 +1,5 @@
-"""The DINO self-distillation loss: centring and sharpening of the teacher, cross-view cross-entropy.
+"""DINO as a method: its self-distillation loss (centring and sharpening of the teacher, cross-view
+cross-entropy) and :class:`DINOMethod`, the recipe the training engine runs.
 
 Follows DINO's ``DINOLoss`` (Caron et al., ICCV 2021) and CrIBo's global term ``d_loss``:
 
@@ -20,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from cribo.method.base import Method
 
 
 def dino_cross_entropy(teacher_probs: torch.Tensor, student_logits: torch.Tensor, student_temp: float) -> torch.Tensor:
@@ -104,3 +107,111 @@ class DINOLoss(nn.Module):
             dist.all_reduce(batch_sum)
             dist.all_reduce(count)
         self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
+
+
+class MultiCropWrapper(nn.Module):
+    """Backbone + head over a list of crops: crops of equal size go through the backbone together.
+
+    ``forward(list of V tensors B x 3 x S_v x S_v) -> (V*B) x K`` head outputs, crop-major.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        sizes = torch.tensor([c.shape[-1] for c in crops])
+        # Boundaries between runs of equal-sized crops (globals first, then locals).
+        ends = torch.cumsum(torch.unique_consecutive(sizes, return_counts=True)[1], 0).tolist()
+        start, cls_tokens = 0, []
+        for end in ends:
+            cls_tokens.append(self.backbone(torch.cat(crops[start:end])))
+            start = end
+        return self.head(torch.cat(cls_tokens))
+
+
+class DINOMethod(Method):
+    """DINO (Caron et al., 2021): multi-crop views, ViT + DINO head student, EMA teacher, :class:`DINOLoss`.
+
+    Checkpoint additions, in the official DINO/CrIBo layout: ``student`` (``module.``-prefixed),
+    ``teacher``, ``dino_loss`` (the centre).
+    """
+
+    name = "dino"
+    object_out_dim: int | None = None  # CrIBo adds an object last layer
+
+    def views(self):
+        from cribo.method.views import DINOViews
+
+        dino_cfg, model_cfg = self.cfg["dino"], self.cfg["model"]
+        return DINOViews(global_size=model_cfg["img_size"], local_size=dino_cfg["local_crop_size"],
+                         num_local_crops=dino_cfg["local_crops_number"],
+                         global_scale=tuple(dino_cfg["global_crops_scale"]),
+                         local_scale=tuple(dino_cfg["local_crops_scale"]), jitter=tuple(dino_cfg["color_jitter"]))
+
+    def wrap(self, backbone: nn.Module, head: nn.Module) -> nn.Module:
+        return MultiCropWrapper(backbone, head)
+
+    def build_networks(self):
+        from cribo.models.backbones import build_backbone
+        from cribo.models.heads import DINOHead
+
+        model_cfg, dino_cfg = self.cfg["model"], self.cfg["dino"]
+
+        def make(drop_path: float) -> nn.Module:
+            backbone = build_backbone(model_cfg, drop_path_rate=drop_path)
+            head = DINOHead(backbone.embed_dim, dino_cfg["out_dim"], hidden_dim=dino_cfg["hidden_dim"],
+                            bottleneck_dim=dino_cfg["bottleneck_dim"], norm_last_layer=dino_cfg["norm_last_layer"],
+                            object_out_dim=self.object_out_dim)
+            return self.wrap(backbone, head).to(self.device)
+
+        self.student, self.teacher = make(model_cfg["drop_path_rate"]), make(0.0)
+        self.teacher.load_state_dict(self.student.state_dict())
+        for p in self.teacher.parameters():
+            p.requires_grad = False
+        return self.student, self.teacher
+
+    def ema_momentum(self) -> float:
+        return self.cfg["dino"]["momentum_teacher"]
+
+    def teacher_temperatures(self, epochs: int):
+        from cribo.method.schedules import linear_warmup_then_constant
+
+        dino_cfg = self.cfg["dino"]
+        # short runs skip the warm-up, as the official code does for epochs <= 2
+        warmup = min(dino_cfg["warmup_teacher_temp_epochs"], epochs) if epochs > 2 else 0
+        return linear_warmup_then_constant(dino_cfg["warmup_teacher_temp"], dino_cfg["teacher_temp"], warmup, epochs)
+
+    def setup_training(self, epochs, steps_per_epoch, seed):
+        dino_cfg = self.cfg["dino"]
+        self.loss_fn = DINOLoss(dino_cfg["out_dim"], self.teacher_temperatures(epochs),
+                                student_temp=dino_cfg["student_temp"],
+                                center_momentum=dino_cfg["center_momentum"]).to(self.device)
+
+    def step(self, online, batch, epoch, amp=None):
+        crops = [c.to(self.device, non_blocking=True) for c in batch]
+        with torch.no_grad(), amp():  # only the two global views pass through the teacher
+            teacher_out = self.teacher(crops[:2]).float().chunk(2)
+        with amp():
+            student_out = online(crops).float().chunk(len(crops))
+        return {"loss": self.loss_fn(list(student_out), list(teacher_out), epoch)}
+
+    def before_optimizer_step(self, epoch):
+        from cribo.models.heads import cancel_last_layer_gradients
+
+        cancel_last_layer_gradients(self.student, epoch, self.cfg["dino"]["freeze_last_layer"])
+
+    def checkpoint_state(self):
+        from cribo.train.official_format import loss_to_official, model_to_official
+
+        return {"student": model_to_official(self.student.state_dict(), ddp_prefix=True),
+                "teacher": model_to_official(self.teacher.state_dict(), ddp_prefix=False),
+                "dino_loss": loss_to_official(self.loss_fn.state_dict())}
+
+    def load_checkpoint_state(self, ckpt):
+        from cribo.train.official_format import loss_from_official, model_from_official
+
+        self.student.load_state_dict(model_from_official(ckpt["student"]))
+        self.teacher.load_state_dict(model_from_official(ckpt["teacher"]))
+        self.loss_fn.load_state_dict(loss_from_official(ckpt["dino_loss"], self.name))

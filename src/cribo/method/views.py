@@ -31,7 +31,8 @@ from torchvision.transforms.v2 import functional as TF
 # IMAGENET_MEAN = (0.485, 0.456, 0.406), IMAGENET_STD = (0.229, 0.224, 0.225).
 from cribo.data.segmentation import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DINOViews", "CrIBoViews", "patch_positions", "eval_transform"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DINOViews", "CrIBoViews", "BYOLViews", "PatchViews", "patch_positions",
+           "eval_transform"]
 
 
 def blur_kernel_size(size: int) -> int:
@@ -134,3 +135,40 @@ def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose
     ratio not kept) and normalised ``(x / 255 - mean) / std``."""
     return T.Compose([T.Resize((size, size), interpolation=InterpolationMode.BICUBIC, antialias=True)]
                      + _to_tensor(mean, std))
+
+
+class BYOLViews:
+    """BYOL's asymmetric pair (ORL stage 1): ``__call__(PIL image) -> [view_1, view_2]``, each ``3 x S x S``.
+
+    RandomResizedCrop (bilinear, area ``scale``, aspect (3/4, 4/3)) -> flip -> ColorJitter(0.4, 0.4,
+    0.2, 0.1) p=0.8 -> grayscale p=0.2 -> Gaussian blur (p=1.0 in view 1, 0.1 in view 2) ->
+    solarize (p=0 in view 1, 0.2 in view 2) -> normalise.
+    """
+
+    def __init__(self, size: int = 224, scale: tuple[float, float] = (0.08, 1.0), mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD):
+        crop = [T.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BILINEAR, antialias=True),
+                T.RandomHorizontalFlip()]
+        tail = _to_tensor(mean, std)
+        self.view_1 = T.Compose(crop + _colour() + [_blur(size, 1.0)] + tail)
+        self.view_2 = T.Compose(crop + _colour() + [_blur(size, 0.1), T.RandomSolarize(threshold=128, p=0.2)] + tail)
+
+    def __call__(self, image) -> list[torch.Tensor]:
+        return [self.view_1(image), self.view_2(image)]
+
+
+class PatchViews:
+    """ORL's RoI-patch pair pipeline: no crop, the patches are already cut and resized.
+
+    ``__call__(patch_1, patch_2) -> [3 x R x R, 3 x R x R]``: flip -> colour -> blur (1.0 / 0.1) ->
+    solarize (0 / 0.2) -> normalise, the asymmetry of :class:`BYOLViews`.
+    """
+
+    def __init__(self, size: int = 96, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        tail = _to_tensor(mean, std)
+        flip = [T.RandomHorizontalFlip()]
+        self.view_1 = T.Compose(flip + _colour() + [_blur(size, 1.0)] + tail)
+        self.view_2 = T.Compose(flip + _colour() + [_blur(size, 0.1), T.RandomSolarize(threshold=128, p=0.2)] + tail)
+
+    def __call__(self, patch_1, patch_2) -> list[torch.Tensor]:
+        return [self.view_1(patch_1), self.view_2(patch_2)]

@@ -1,4 +1,4 @@
-"""Backbones: timm Vision Transformers, the raw-pixel baseline, and loading them from checkpoints.
+"""Backbones: timm Vision Transformers, torchvision ResNets, the raw-pixel baseline, and loading them from checkpoints.
 
 Every backbone used for evaluation is a :class:`PatchFeatureExtractor`: it maps normalised images
 ``B x 3 x H x W`` to last-layer patch tokens ``B x h x w x D`` (``h = H / patch_size``). For a
@@ -19,6 +19,30 @@ ARCHS = {
     "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
     "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
 }
+
+
+RESNETS = ("resnet18", "resnet50")
+
+
+def build_backbone(model_cfg: dict, drop_path_rate: float | None = None) -> nn.Module:
+    """The pretraining backbone of a run config: ``forward(B x 3 x H x W) -> B x D`` pooled features.
+
+    A ViT returns its [CLS] token after the final norm; a ResNet (torchvision, random init, no
+    zero-init of the last BN of each block, as ORL) its globally average-pooled res5 map. Either
+    has ``embed_dim`` = D. ``drop_path_rate`` only applies to ViTs.
+    """
+    if model_cfg["arch"] in RESNETS:
+        return build_resnet(model_cfg["arch"])
+    return build_vit(model_cfg, drop_path_rate=drop_path_rate)
+
+
+def build_resnet(arch: str) -> nn.Module:
+    import torchvision
+
+    net = getattr(torchvision.models, arch)(weights=None)
+    net.embed_dim = net.fc.in_features
+    net.fc = nn.Identity()  # no classifier: the pooled res5 vector is the output
+    return net
 
 
 def build_vit(model_cfg: dict, drop_path_rate: float | None = None) -> VisionTransformer:
@@ -59,6 +83,22 @@ class ViTPatchFeatures(PatchFeatureExtractor):
         b, _, h, w = images.shape
         tokens = self.vit.forward_features(images)[:, self.vit.num_prefix_tokens:]
         return tokens.reshape(b, h // self.patch_size, w // self.patch_size, -1)
+
+
+class ResNetPatchFeatures(PatchFeatureExtractor):
+    """The res5 map of a torchvision ResNet as ``B x H/32 x W/32 x C`` patch features (stride 32)."""
+
+    def __init__(self, resnet: nn.Module):
+        super().__init__()
+        self.resnet = resnet
+        self.patch_size = 32
+        self.embed_dim = resnet.embed_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        r = self.resnet
+        x = r.maxpool(r.relu(r.bn1(r.conv1(images))))
+        x = r.layer4(r.layer3(r.layer2(r.layer1(x))))
+        return x.permute(0, 2, 3, 1)
 
 
 class PixelPatches(PatchFeatureExtractor):
@@ -119,9 +159,12 @@ def backbone_from_checkpoint(ckpt: dict, source: str = "checkpoint", timm_model:
         if ckpt.get("timm_model"):  # an imported baseline whose architecture timm builds
             model = _timm_backbone(ckpt["timm_model"], strip_prefix(ckpt["teacher"], "backbone."), source)
             return _tag(model, cfg["model"]["img_size"], method)
-        vit = build_vit(cfg["model"], drop_path_rate=0.0)
-        _load_strict(vit, strip_prefix(ckpt["teacher"], "backbone."), source, "the config's model")
-        return _tag(ViTPatchFeatures(vit), cfg["model"]["img_size"], method)
+        net = build_backbone(cfg["model"], drop_path_rate=0.0)
+        # the network the method evaluates (BYOL/ORL: the online one, stored with DDP's prefix)
+        weights = {k.removeprefix("module."): v for k, v in ckpt[ckpt.get("evaluated_network", "teacher")].items()}
+        _load_strict(net, strip_prefix(weights, "backbone."), source, "the config's model")
+        features = ResNetPatchFeatures(net) if cfg["model"]["arch"] in RESNETS else ViTPatchFeatures(net)
+        return _tag(features, cfg["model"]["img_size"], method)
     meta = ckpt.get("__metadata__") or {}
     state = {k: v for k, v in ckpt.items() if k != "__metadata__"}
     if "cribo_model" in meta:  # cribo export

@@ -67,6 +67,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _pretrain_epochs(cfg: dict) -> int | None:
+    if not cfg or cfg.get("method") in ("random", "pixels") or cfg.get("baseline"):
+        return None
+    epochs = (cfg.get("optim") or {}).get("epochs")
+    return int(epochs) if epochs is not None else None
+
+
 def make_row(protocol: str, result: dict, *, checkpoint: str | None, checkpoint_sha256: str | None,
              checkpoint_cfg: dict | None, dataset: str, split: str, class_names: list[str],
              experiment: str | None, run_name: str | None, started: float) -> dict:
@@ -81,6 +88,8 @@ def make_row(protocol: str, result: dict, *, checkpoint: str | None, checkpoint_
         "patch_size": cfg.get("model", {}).get("patch_size"),
         # what the backbone was pretrained on (None for an untrained one), matched against paper tables
         "pretrain_data": (cfg.get("data") or {}).get("dataset") if cfg.get("method") != "random" else None,
+        # pretraining epochs (None for an untrained or imported backbone, whose epochs we do not know)
+        "pretrain_epochs": _pretrain_epochs(cfg),
         "dataset": dataset,
         "split": split,
         **result,

@@ -220,7 +220,13 @@ def write_tables(row_paths: list[str | Path], out_dir: str | Path, ablation_base
     if paper is not None:
         from cribo.results.paper import write_paper_tables
 
+        from cribo.results.paper import load_paper_results
+        from cribo.results.paper_figure import draw_cribo_tables
+        from cribo.results.paper_tables import write_cribo_tables
+
         write_paper_tables(rows, paper, out_dir)
+        write_cribo_tables(rows, load_paper_results(paper), out_dir)
+        draw_cribo_tables(rows, load_paper_results(paper), out_dir / "cribo_tables.png")
     atomic_write_text(metrics_path, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
     return {"csv": csv_path, "md": md_path, "metrics": metrics_path, "overcluster_csv": out_dir / "overcluster.csv",
             "overcluster_md": out_dir / "overcluster.md"}

@@ -320,10 +320,32 @@ def _relaunch_under_torchrun(nproc: int, argv: list[str]) -> None:
     os.execv(sys.executable, command)
 
 
+def _warn_released_batch(note: dict) -> None:
+    released, mine = note["released"], note["this_run"]
+    print("=" * 78 + "\n"
+          f"WARNING: this released config was trained on {released['world_size']} processes x "
+          f"{released['batch_size']} images = {released['total_batch']}; this run uses {mine['world_size']} x "
+          f"{mine['batch_size']} = {mine['total_batch']}.\n"
+          f"Different: {'; '.join(note['differs'])}.\n"
+          "The per-process batch is kept (set it with --set optim.batch_size=N); results are not the "
+          "paper's setting. Recorded in provenance.json under 'released_batch'.\n" + "=" * 78,
+          file=sys.stderr, flush=True)
+
+
+def _record_in_provenance(path: Path, key: str, value: dict) -> None:
+    """Add ``key`` to the provenance the engine wrote (it rewrites the file on every start, so the
+    note is added once training returns)."""
+    from cribo.config import atomic_write_text
+
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    record[key] = value
+    atomic_write_text(path, json.dumps(record, indent=2))
+
+
 def cmd_train(args) -> None:
     import os
 
-    from cribo.config import (ConfigError, apply_overrides, load_yaml, resolve_runs, run_id,
+    from cribo.config import (ConfigError, apply_overrides, load_yaml, released_batch_note, resolve_runs, run_id,
                               validate_run_config)
     from cribo.train.distributed import read_launch_env
     from cribo.train.engine import train
@@ -342,12 +364,18 @@ def cmd_train(args) -> None:
         _relaunch_under_torchrun(args.nproc_per_node, args.argv)
     if args.nproc_per_node > 1 and launch.world_size == 1 and "RANK" in os.environ:
         raise ConfigError("--nproc-per-node > 1 inside a torchrun job of one process; launch either way, not both")
+    batch_note = released_batch_note(cfg, launch.world_size, overridden=any(
+        o.split("=", 1)[0].strip() == "optim.batch_size" for o in args.overrides or []))
     if launch.rank == 0:
         print(f"run id {run_id(cfg)}: method {cfg['method']}, output {args.output_dir}", flush=True)
+        if batch_note:
+            _warn_released_batch(batch_note)
     started = time.time()
     path = train(cfg, args.output_dir)
     if launch.rank != 0:  # rank 0 reports and writes the completion marker
         return
+    if batch_note:
+        _record_in_provenance(Path(args.output_dir) / "provenance.json", "released_batch", batch_note)
     print(f"checkpoint: {path}")
     if args.summary:
         from cribo.config import atomic_write_text

@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="passes over the split (the in-context memory protocol uses 2 augmented passes)")
     ex.add_argument("--augment", action="store_true",
                     help="augment each pass (colour jitter + random resized crop, seeded per image and pass)")
+    ex.add_argument("--protocol", dest="preprocessing", default="clean", choices=["clean", "open-hbird"],
+                    help="input preprocessing: clean (bicubic resize, ImageNet std; default) or open-hbird "
+                         "(bilinear resize, open-hummingbird-eval's std 0.255), for `eval incontext --protocol`")
     ex.add_argument("--shard-images", type=int, default=2048,
                     help="images per resumable shard (default 2048)")
     _add_common_eval(ex)
@@ -167,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     ic.add_argument("--list-dir", default=None,
                     help="folder of such files in the open-hummingbird-eval layout (1_div_<D>/...<seed>...txt): "
                          "the file for --fraction 1/D and --seed is used")
+    ic.add_argument("--protocol", dest="incontext_protocol", default="clean", choices=["clean", "open-hbird"],
+                    help="clean (default): ignored pixels left out of the memory labels, ImageNet std, identity-mapped "
+                         "mIoU; open-hbird: open-hummingbird-eval's choices (ignored pixels as class 0 in the memory, "
+                         "std 0.255, bilinear resizing, Hungarian mIoU over all classes), to compare with numbers "
+                         "published through it")
     ic.add_argument("--experiment", default=None, help="experiment name recorded in the row")
     ic.add_argument("--run-name", default=None, help="run name recorded in the row")
     _add_common_eval(ic)
@@ -426,7 +434,7 @@ def cmd_extract(args) -> None:
     backbone, ckpt, device, size = _load_eval_backbone(args)
     extract_to_disk(backbone, spec, args.data_root, args.split, size, args.out, batch_size=args.batch_size,
                     device=device, num_workers=args.num_workers, passes=args.passes, augment=args.augment,
-                    shard_images=args.shard_images, progress=not args.no_progress,
+                    shard_images=args.shard_images, progress=not args.no_progress, preprocessing=args.preprocessing,
                     extra_meta={"checkpoint": args.checkpoint, "checkpoint_sha256": file_sha256(args.checkpoint),
                                 "method": ckpt["method"]})
     print(f"features {load_store(args.out).features.shape} written to {args.out}")
@@ -547,7 +555,8 @@ def cmd_eval(args) -> None:
         backbone, ckpt, device, size = _load_eval_backbone(args)
         extract = lambda split: extract_split(backbone, spec, args.data_root, split, size,  # noqa: E731
                                               batch_size=args.batch_size, device=device,
-                                              num_workers=args.num_workers, progress=not args.no_progress)
+                                              num_workers=args.num_workers, progress=not args.no_progress,
+                                              preprocessing=args.incontext_protocol)
         train_store, val_store = extract(spec.train_split), extract(spec.val_split)
     for store in (train_store, val_store):
         if store.meta["dataset"] != spec.name:
@@ -558,7 +567,7 @@ def cmd_eval(args) -> None:
     result = run_incontext(train_store, val_store, fraction=args.fraction, seed=args.seed, k=args.k,
                            temperature=args.temperature, memory_size=args.memory_size,
                            train_ids=read_id_list(list_file) if list_file else None, index_kind=args.index,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, protocol=args.incontext_protocol)
     if list_file:
         result["train_list"] = str(list_file)
     row = make_row("incontext", result, checkpoint=args.checkpoint,
@@ -567,7 +576,8 @@ def cmd_eval(args) -> None:
                    class_names=val_store.meta.get("class_names") or list(spec.class_names),
                    experiment=args.experiment, run_name=args.run_name, started=started)
     write_row(row, args.out)
-    print(f"in-context mIoU {row['miou']:.2f} (Hungarian {row['miou_hungarian']:.2f}) -> {args.out}")
+    print(f"in-context mIoU {row['miou']:.2f} ({args.incontext_protocol} protocol; Hungarian "
+          f"{row['miou_hungarian']:.2f}) -> {args.out}")
 
 
 def cmd_figures(args) -> None:

@@ -129,19 +129,20 @@ class VOCLayoutSegmentation(Dataset):
 class ResizePair:
     """Deterministic evaluation transform: image and mask resized to ``size x size``.
 
-    The image is resized bicubically with antialiasing and normalised with the ImageNet mean and
-    std; the mask with nearest-neighbour (labels must not be blended). Aspect ratio is not kept,
+    The image is resized bicubically (or with ``resample``) with antialiasing and normalised with
+    ``mean`` and ``std`` (default: ImageNet's); the mask with nearest-neighbour (labels must not be blended). Aspect ratio is not kept,
     as in the Hummingbird protocol.
     """
 
-    def __init__(self, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, resample: int = Image.BICUBIC):
         self.size = size
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
+        self.resample = resample
 
     def __call__(self, image: Image.Image, mask: np.ndarray):
         if image.size != (self.size, self.size):  # already at size: resampling would be an identity
-            image = image.resize((self.size, self.size), Image.BICUBIC)
+            image = image.resize((self.size, self.size), self.resample)
         if mask.shape != (self.size, self.size):
             mask = np.asarray(Image.fromarray(mask).resize((self.size, self.size), Image.NEAREST))
         x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)

@@ -105,8 +105,9 @@ def _check_published(path: Path, entries: list, sources: dict) -> list[dict]:
 
 
 def _our_setting(protocol: str, row: dict) -> dict:
-    if protocol == "incontext":
-        return {"fraction": float(row["fraction"]), "memory_size": row.get("memory_size")}
+    if protocol == "incontext":  # the protocol variant rides with the memory size: both change the number
+        return {"fraction": float(row["fraction"]), "memory_size": row.get("memory_size"),
+                "incontext_protocol": row.get("incontext_protocol") or "clean"}
     if protocol == "linear":
         return {"protocol": row.get("protocol_name")}
     if protocol == "finetune":
@@ -127,7 +128,8 @@ def our_results(rows: list[dict], protocol: str) -> pd.DataFrame:
                         "miou": float(row["miou"]),
                         "spread": float(row["miou_std"]) if protocol == "overcluster" else np.nan,
                         "n": len(row.get("seeds") or [0]) if protocol == "overcluster" else 1})
-    columns = ["experiment", "run_name", *KEY, *SETTINGS[protocol]] + (["memory_size"] if protocol == "incontext" else [])
+    columns = ["experiment", "run_name", *KEY, *SETTINGS[protocol]] + (
+        ["memory_size", "incontext_protocol"] if protocol == "incontext" else [])
     if not records:
         return pd.DataFrame(columns=columns + ["ours", "ours_std", "seeds"])
     frame = pd.DataFrame(records)
@@ -161,7 +163,7 @@ def paper_table(rows: list[dict], paper: dict, protocol: str, all_paper: bool = 
     ours = our_results(rows, protocol)
     entries = paper.get(protocol) or []
     sources = paper["sources"]
-    settings = SETTINGS[protocol] + (["memory_size"] if protocol == "incontext" else [])
+    settings = SETTINGS[protocol] + (["memory_size", "incontext_protocol"] if protocol == "incontext" else [])
     lines, used = [], set()
     for record in ours.to_dict("records"):
         matched = [i for i, e in enumerate(entries) if _matches(e, record, protocol)]

@@ -96,3 +96,13 @@ def test_cli_open_hbird_row_and_refusal_of_clean_stores(tmp_path, tiny_voc):
     assert main(["eval", "incontext", *common, "--train-features", str(tmp_path / "trainaug"), "--val-features",
                  str(tmp_path / "val"), "--protocol", "open-hbird", "--out", str(tmp_path / "x.json")]) != 0
     assert not (tmp_path / "x.json").exists()
+
+
+def test_open_hbird_masks_are_resized_by_torch_nearest():
+    # 3 -> 2 pixels: torch's nearest takes source floor(x * 3 / 2) = 0, 1; PIL's the centres
+    # floor((x + 0.5) * 3 / 2) = 0, 2
+    mask = np.array([[1, 2, 3]] * 3, dtype=np.uint8)
+    image = Image.new("RGB", (3, 3))
+    _, hbird = _resize_pair(2, "open-hbird")(image, mask)
+    _, clean = _resize_pair(2, "clean")(image, mask)
+    assert hbird[0].tolist() == [1, 2] and clean[0].tolist() == [1, 3]

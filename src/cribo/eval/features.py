@@ -60,11 +60,12 @@ def check_image_size(image_size: int, patch_size: int) -> None:
 
 
 # How images become network inputs. "clean": bicubic resize, ImageNet statistics. "open-hbird":
-# what open-hummingbird-eval does (torchvision's default bilinear resize; its std 0.255 for the
-# blue channel, a typo of ImageNet's 0.225 that its published numbers carry).
+# what open-hummingbird-eval does (torchvision's bilinear resize, masks by torch's nearest; its
+# std 0.255 for the blue channel, a typo of ImageNet's 0.225 that its published numbers carry).
 PREPROCESSING = {
     "clean": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "resample": Image.BICUBIC},
-    "open-hbird": {"mean": IMAGENET_MEAN, "std": (0.229, 0.224, 0.255), "resample": Image.BILINEAR},
+    "open-hbird": {"mean": IMAGENET_MEAN, "std": (0.229, 0.224, 0.255), "resample": Image.BILINEAR,
+                   "torch_nearest_mask": True},
 }
 
 

@@ -30,7 +30,10 @@ INCONTEXT = EVAL["incontext"]
 # The dataset folder is hashed in too: a regenerated or moved dataset must not reuse old features
 # (a DVC experiment's temporary copy has no Snakemake metadata to notice the change otherwise).
 FEATURES_ID = f"{DATASET}-{short_hash(DATA_ROOT, 6)}-{EVAL['image_size']}px"
-INCONTEXT_ID = f"{FEATURES_ID}-{short_hash({k: INCONTEXT[k] for k in ('k', 'temperature', 'memory_size', 'memory_passes', 'memory_augment')}, 6)}"
+_INCONTEXT_SETTINGS = {k: INCONTEXT[k] for k in ('k', 'temperature', 'memory_size', 'memory_passes', 'memory_augment')}
+if INCONTEXT["protocol"] != "clean":  # the clean protocol keeps the ids it had before the choice existed
+    _INCONTEXT_SETTINGS["protocol"] = INCONTEXT["protocol"]
+INCONTEXT_ID = f"{FEATURES_ID}-{short_hash(_INCONTEXT_SETTINGS, 6)}"
 OVERCLUSTER = EVAL["overcluster"]
 OVERCLUSTER_ID = f"{FEATURES_ID}-{short_hash({k: OVERCLUSTER[k] for k in ('seeds', 'pca_dim', 'iterations', 'restarts')}, 6)}"
 LINEAR = EVAL["linear"]
@@ -49,8 +52,11 @@ LINEAR_IDS = {
 FINETUNE_ID = f"{DATA_ID}-{DENSE['crop']}px-{short_hash({**{k: v for k, v in FINETUNE.items() if k != 'decoders'}, **DENSE}, 6)}"
 RUN_DIR = "results/{experiment}/{run_id}"
 # feature folders: the queries in one plain pass, the memory as the protocol asks
+# ("h": extracted with open-hummingbird-eval's preprocessing, for evaluate.incontext.protocol open-hbird)
 QUERY_PASSES = "x1"
 MEMORY_PASSES = f"x{INCONTEXT['memory_passes']}{'a' if INCONTEXT['memory_augment'] else ''}"
+_HBIRD = "h" if INCONTEXT["protocol"] == "open-hbird" else ""
+INCONTEXT_QUERY_PASSES, INCONTEXT_MEMORY_PASSES = QUERY_PASSES + _HBIRD, MEMORY_PASSES + _HBIRD
 
 
 wildcard_constraints:
@@ -59,7 +65,7 @@ wildcard_constraints:
     split="[A-Za-z0-9_]+",
     fraction="[0-9.]+",
     seed="[0-9]+",
-    passes="x[0-9]+a?",
+    passes="x[0-9]+a?h?",
     clusters="classes|[0-9]+",
     protocol="leopart|mmseg",
     decoder="mask|linear",

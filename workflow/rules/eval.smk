@@ -7,8 +7,8 @@ SPEC = get_spec(DATASET)
 rule eval_incontext:
     input:
         summary=f"{RUN_DIR}/pretrain/summary.json",
-        train=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.train_split}-{MEMORY_PASSES}",
-        val=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.val_split}-{QUERY_PASSES}",
+        train=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.train_split}-{INCONTEXT_MEMORY_PASSES}",
+        val=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.val_split}-{INCONTEXT_QUERY_PASSES}",
     output:
         f"{RUN_DIR}/eval/incontext/{INCONTEXT_ID}/f{{fraction}}-s{{seed}}.json",
     log:
@@ -23,7 +23,7 @@ rule eval_incontext:
     shell:
         "cribo eval incontext --checkpoint {params.ckpt} --dataset {DATASET} --data-root {DATA_ROOT} "
         "--train-features {input.train} --val-features {input.val} "
-        "--k {INCONTEXT[k]} --temperature {INCONTEXT[temperature]} {params.memory} "
+        "--k {INCONTEXT[k]} --temperature {INCONTEXT[temperature]} {params.memory} --protocol {INCONTEXT[protocol]} "
         "--fraction {wildcards.fraction} --seed {wildcards.seed} "
         "--experiment {wildcards.experiment} --run-name {params.name} "
         "--out {output} --no-progress > {log} 2>&1"
@@ -33,8 +33,8 @@ rule figures:
     # in-context predictions beside the ground truth, and cross-image object matches (PNGs)
     input:
         summary=f"{RUN_DIR}/pretrain/summary.json",
-        train=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.train_split}-{MEMORY_PASSES}",
-        val=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.val_split}-{QUERY_PASSES}",
+        train=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.train_split}-{INCONTEXT_MEMORY_PASSES}",
+        val=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.val_split}-{INCONTEXT_QUERY_PASSES}",
     output:
         report(directory(f"{RUN_DIR}/figures/{INCONTEXT_ID}"), patterns=["{name}.png"],
                caption="../report/figures.rst", category="3. Figures", subcategory="run {run_id}",

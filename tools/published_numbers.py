@@ -76,6 +76,8 @@ def parse(markdown: str) -> list[dict]:
                  "table": TABLE[(source, protocol)]}
         if entry["pretrain"] is None:
             entry["pretrain_printed"] = pretrain
+        if entry["epochs"] is None and epochs != "n/s":
+            entry["epochs_printed"] = epochs
         entries.append(entry)
     return entries
 

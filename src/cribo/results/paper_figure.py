@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cribo.results.paper_tables import FRACTION_LABELS, SECTIONS, build_paper_table
+from cribo.results.paper_tables import FRACTION_LABELS, SECTIONS, format_epochs, build_paper_table
 
 DATASET_MARKERS = {"Pascal Context": "o", "Pascal VOC": "s", "COCO-Stuff-164K": "^", "ADE20K": "D"}
 
@@ -25,7 +25,7 @@ def _present(value) -> bool:
 
 def _label(record: dict) -> str:
     parts = [record["method"], record["backbone"], record["pretraining"],
-             f"{int(record['epochs'])} ep" if _present(record["epochs"]) else None]
+             f"{format_epochs(record['epochs'])} ep" if _present(record["epochs"]) else None]
     return " ".join(str(p) for p in parts if _present(p))
 
 

@@ -194,7 +194,7 @@ def build_paper_table(rows: list[dict], paper: dict, table: str) -> pd.DataFrame
         label = {"section": SECTIONS[entry["source"]], "method": entry["label"],
                  "backbone": _backbone(entry["arch"], entry["patch_size"]),
                  "pretraining": PRETRAIN_TITLES.get(entry["pretrain"], entry.get("pretrain_printed")),
-                 "epochs": entry["epochs"]}
+                 "epochs": entry["epochs"] if entry["epochs"] is not None else entry.get("epochs_printed")}
         if entry.get("memory_size") is not None:
             label["method"] += f" (memory {entry['memory_size']:,})"
         matching = [run for run in runs if _run_matches(entry, run)]
@@ -217,6 +217,11 @@ def build_paper_table(rows: list[dict], paper: dict, table: str) -> pd.DataFrame
     numeric = [c for c in frame.columns if c.endswith((" ours", " paper", " delta"))]
     frame[numeric] = frame[numeric].apply(pd.to_numeric).round(2)
     return frame
+
+
+def format_epochs(value) -> str:
+    """Epochs read back from a frame come as floats (300.0) or as printed ("800+30")."""
+    return str(int(value)) if isinstance(value, (int, float)) else str(value)
 
 
 def _cell(ours, paper, delta, comparable) -> str:
@@ -242,8 +247,7 @@ def to_paper_markdown(frame: pd.DataFrame, table: str) -> str:
     header = ["section", "method", "backbone", "pretraining", "epochs", "run", *names]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for record in frame.to_dict("records"):
-        label = ["" if _missing(record[k]) else (str(int(record[k])) if k == "epochs" else str(record[k]))
-                 for k in header[:6]]
+        label = ["" if _missing(record[k]) else format_epochs(record[k]) for k in header[:6]]
         cells = [_cell(record[f"{n} ours"], record[f"{n} paper"], record[f"{n} delta"], record[f"{n} comparable"])
                  for n in names]
         lines.append("| " + " | ".join(label + cells) + " |")

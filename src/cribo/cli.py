@@ -118,11 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ---- export ----
     ib = sub.add_parser("import-baseline", help="turn pretrained weights (official, timm, export) into a baseline run checkpoint")
-    ib.add_argument("--weights", required=True, help="weights file (any format --checkpoint takes)")
+    ib.add_argument("--weights", default=None, help="weights file (any format --checkpoint takes)")
+    ib.add_argument("--from-catalogue", default=None, metavar="NAME",
+                    help="instead of --weights: download (resumable, verified) the released checkpoint NAME of "
+                         "--catalogue into --downloads, then import it with the catalogue's method and pretraining data")
+    ib.add_argument("--catalogue", default="config/checkpoints.yaml", help="checkpoint catalogue (default %(default)s)")
+    ib.add_argument("--downloads", default="resources/checkpoints", help="download folder (default %(default)s)")
+    ib.add_argument("--url", default=None, help="with --from-catalogue: fetch from this URL instead (mirror, file:)")
     ib.add_argument("--timm-model", default=None, help="timm architecture of bare weights (e.g. vit_small_patch14_reg4_dinov2)")
-    ib.add_argument("--method", required=True, help="method name the tables use (e.g. dino, ibot, mae, dinov2r)")
+    ib.add_argument("--method", default=None, help="method name the tables use (e.g. dino, ibot, mae, dinov2r)")
     ib.add_argument("--pretrain-data", default=None, help="what it was pretrained on (e.g. imagenet), matched by the paper tables")
     ib.add_argument("--output-dir", required=True, help="folder for checkpoint.pth")
+
+    fc = sub.add_parser("fetch-checkpoint", help="download a released checkpoint of the catalogue by name (resumable, verified)")
+    fc.add_argument("name", help="catalogue name, e.g. cribo_vits16_coco (see config/checkpoints.yaml)")
+    fc.add_argument("--catalogue", default="config/checkpoints.yaml", help="checkpoint catalogue (default %(default)s)")
+    fc.add_argument("--downloads", default="resources/checkpoints", help="download folder (default %(default)s)")
+    fc.add_argument("--url", default=None, help="fetch from this URL instead (a mirror, or a local file: URL)")
     ib.add_argument("--summary", default=None, help="also write a JSON summary here (the DAG's completion marker)")
 
     exp = sub.add_parser("export", help="write a slim evaluation checkpoint (teacher backbone, safetensors)")
@@ -411,11 +423,29 @@ def cmd_import_baseline(args) -> None:
     from cribo.config import atomic_write_text
     from cribo.train.baseline import import_baseline
 
-    summary = import_baseline(args.weights, args.output_dir, method=args.method, pretrain=args.pretrain_data,
-                              timm_model=args.timm_model)
+    weights, method, pretrain, timm_model = args.weights, args.method, args.pretrain_data, args.timm_model
+    if args.from_catalogue:
+        from cribo.models.catalogue import fetch_checkpoint, get_entry, load_catalogue
+
+        catalogue = load_catalogue(args.catalogue)
+        entry = get_entry(catalogue, args.from_catalogue)
+        weights = fetch_checkpoint(catalogue, args.from_catalogue, args.downloads, url=args.url,
+                                   progress=not getattr(args, "no_progress", False))
+        method, pretrain = method or entry["method"], pretrain or entry["pretrain"]
+        timm_model = timm_model or entry.get("timm_model")
+    if weights is None or method is None:
+        raise ValueError("import-baseline needs --weights and --method, or --from-catalogue NAME")
+    summary = import_baseline(weights, args.output_dir, method=method, pretrain=pretrain, timm_model=timm_model)
     if args.summary:
         atomic_write_text(args.summary, json.dumps(summary, indent=1) + "\n")
     print(f"baseline {args.method} imported -> {summary['checkpoint']}")
+
+
+def cmd_fetch_checkpoint(args) -> None:
+    from cribo.models.catalogue import fetch_checkpoint, load_catalogue
+
+    path = fetch_checkpoint(load_catalogue(args.catalogue), args.name, args.downloads, url=args.url)
+    print(f"{args.name} -> {path}")
 
 
 def cmd_export(args) -> None:
@@ -649,6 +679,7 @@ def cmd_table(args) -> None:
 
 
 COMMANDS = {"data": cmd_data, "config": cmd_config, "train": cmd_train, "import-baseline": cmd_import_baseline,
+            "fetch-checkpoint": cmd_fetch_checkpoint,
             "export": cmd_export, "extract": cmd_extract,
             "eval": cmd_eval, "table": cmd_table, "curves": cmd_curves, "figures": cmd_figures}
 
@@ -660,12 +691,14 @@ def main(argv: list[str] | None = None) -> int:
     from cribo.data.registry import UnknownDatasetError
     from cribo.data.download import DownloadError
     from cribo.data.segmentation import DataError
+    from cribo.models.catalogue import CatalogueError
     from cribo.results.paper import PaperResultsError
     from cribo.results.tables import RowError
     from cribo.train.checkpoint import CheckpointLoadError
 
     user_errors = (ConfigError, UnknownDatasetError, DataError, RowError, CheckpointLoadError,
-                   FileNotFoundError, FileExistsError, KeyError, ValueError, DownloadError, PaperResultsError)
+                   FileNotFoundError, FileExistsError, KeyError, ValueError, DownloadError, PaperResultsError,
+                   CatalogueError)
     try:
         COMMANDS[args.command](args)
     except user_errors as err:

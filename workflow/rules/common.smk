@@ -11,11 +11,22 @@ if _twins:
     raise ConfigError(f"runs {', '.join(_twins)} have identical settings (same run id); make them differ or drop one")
 TRAINED_IDS = list(RUN_IDS.values())
 # baselines: pretrained weights imported as runs (no training); their id hashes what they are
+# (a list names released checkpoints of config/checkpoints.yaml: import_baseline downloads them)
+CHECKPOINT_CATALOGUE = "config/checkpoints.yaml"
+CHECKPOINT_DOWNLOADS = "resources/checkpoints"
 BASELINES = config.get("baselines") or {}
+if isinstance(BASELINES, list):
+    from cribo.models.catalogue import baseline_spec, load_catalogue
+
+    _catalogue = load_catalogue(CHECKPOINT_CATALOGUE)
+    BASELINES = {name: baseline_spec(_catalogue, name, CHECKPOINT_DOWNLOADS) for name in BASELINES}
 for _name, _spec in BASELINES.items():
     if _name in RUN_IDS:
         raise ConfigError(f"baselines.{_name}: a run has the same name; rename one of them")
-    RUN_IDS[_name] = short_hash({k: _spec.get(k) for k in ("weights", "timm_model", "method", "pretrain")})
+    # a catalogue checkpoint is what its name says; a local file is its path and how it is read
+    _identity = ("catalogue", "timm_model", "method", "pretrain") if _spec.get("catalogue") else (
+        "weights", "timm_model", "method", "pretrain")
+    RUN_IDS[_name] = short_hash({k: _spec.get(k) for k in _identity})
 BASELINE_IDS = [RUN_IDS[n] for n in BASELINES]
 RUN_NAME = {rid: name for name, rid in RUN_IDS.items()}
 

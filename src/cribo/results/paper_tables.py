@@ -13,8 +13,8 @@ columns (dataset x training fraction for Table 1, dataset for Tables 2 and 3):
 
 Our evaluation rows (mean over seeds) fill a paper row when they agree on method, architecture,
 patch size and pretraining data, and on pretraining epochs when both are known (an imported
-checkpoint does not know its own). A published row whose pretraining data was not stated matches
-none of ours. Our runs that match no published row get rows of their own, with extra columns for
+checkpoint does not know its own). A published row whose pretraining data was not stated is matched
+on method and backbone only, and the run is marked ``?``. Our runs that match no published row get rows of their own, with extra columns for
 the datasets the paper lacks (the toy scenes).
 
 Protocols: a published number is compared only with our rows of a compatible protocol
@@ -109,9 +109,10 @@ def _same(a, b) -> bool:
 
 
 def _run_matches(entry: dict, run: dict) -> bool:
-    if entry["pretrain"] is None:  # not stated by the source: any pairing would be a guess
-        return False
-    if not all(_same(entry[k], run[k]) for k in ("method", "arch", "patch_size", "pretrain")):
+    # pretraining data not stated by the source: matched on method and backbone only (the run is
+    # then marked "?", the pairing being an assumption)
+    keys = ("method", "arch", "patch_size") + (() if entry["pretrain"] is None else ("pretrain",))
+    if not all(_same(entry[k], run[k]) for k in keys):
         return False
     return _missing(run["epochs"]) or _missing(entry["epochs"]) or int(run["epochs"]) == int(entry["epochs"])
 
@@ -201,7 +202,8 @@ def build_paper_table(rows: list[dict], paper: dict, table: str) -> pd.DataFrame
         for run in matching or [None]:
             if run is not None:
                 matched_runs.add((run["experiment"], run["run_name"]))
-            lines.append({**label, "run": f"{run['experiment']}/{run['run_name']}" if run else None,
+            unstated = " ?" if run is not None and entry["pretrain"] is None else ""
+            lines.append({**label, "run": f"{run['experiment']}/{run['run_name']}{unstated}" if run else None,
                           **cells_of(run, published["cells"])})
     for run in runs:
         if (run["experiment"], run["run_name"]) in matched_runs:
@@ -239,7 +241,9 @@ def to_paper_markdown(frame: pd.DataFrame, table: str) -> str:
     """The table as the paper prints it: one column per (dataset, fraction), cells 'ours / paper (delta)'."""
     title = LAYOUTS[table]["title"]
     legend = ("Each cell: ours / paper (ours - paper), mIoU %. `-`: no run of ours; `*`: our value comes "
-              "from a protocol not comparable with that published number (no difference given). "
+              "from a protocol not comparable with that published number (no difference given); "
+              "`run ?`: the source does not state the pretraining data, so the run was matched on method and "
+              "backbone only. "
               "Published numbers: config/paper_results.yaml (`published`).")
     if frame.empty:
         return f"# {title}\n\n{legend}\n\n(no published rows and no runs)\n"

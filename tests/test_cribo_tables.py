@@ -126,6 +126,7 @@ def test_published_section_is_validated(tmp_path):
     for entry, message in [({**PUBLISHED[0], "origin": "guess"}, r"ref 1\): origin 'guess' must be one of"),
                            ({**PUBLISHED[0], "fraction": 0.3}, r"fraction 0.3 must be one of 1/128"),
                            ({**PUBLISHED[0], "table": "table2"}, r"table 'table2' must be table1"),
+                           ({**PUBLISHED[0], "dataset": "pascal"}, r"dataset 'pascal' must be a registered dataset"),
                            ({k: v for k, v in PUBLISHED[0].items() if k != "where"}, r"lacks where")]:
         path.write_text(yaml.safe_dump({**PAPER, "published": [entry]}, allow_unicode=True))
         with pytest.raises(PaperResultsError, match=message):

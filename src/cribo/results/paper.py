@@ -76,6 +76,9 @@ def load_paper_results(path: str | Path) -> dict:
 def _check_published(path: Path, entries: list, sources: dict) -> list[dict]:
     """Every published number names its row in the research file, its source and origin, and a
     setting the paper-shaped tables can place; a slip is reported with the entry's ``ref``."""
+    from cribo.data.registry import known_datasets
+
+    datasets = known_datasets()
     seen = set()
     for i, entry in enumerate(entries):
         where = f"{path}: published[{i}]" + (f" (ref {entry.get('ref')})" if isinstance(entry, dict) else "")
@@ -90,6 +93,7 @@ def _check_published(path: Path, entries: list, sources: dict) -> list[dict]:
         checks = [("source", entry["source"] in sources, "a key under 'sources'"),
                   ("origin", entry["origin"] in ORIGINS, f"one of {', '.join(ORIGINS)}"),
                   ("evaluator", entry["evaluator"] in EVALUATORS, f"one of {', '.join(EVALUATORS)}"),
+                  ("dataset", entry["dataset"] in datasets, f"a registered dataset ({', '.join(datasets)})"),
                   ("table", PUBLISHED_TABLES.get(entry["table"]) == entry["protocol"],
                    "table1 (incontext), table2 (linear) or table3 (finetune), agreeing with 'protocol'"),
                   ("miou", isinstance(entry["miou"], (int, float)) and 0 <= entry["miou"] <= 100,

@@ -1,6 +1,7 @@
 """CrIBo's Tables 1-3 in the paper's shape, built from hand-written rows and published entries."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,27 @@ def test_written_files(tmp_path):
     png = draw_cribo_tables([_row("incontext", 57.0, fraction=1.0), _row("linear", 60.0, protocol_name="mmseg")],
                             PAPER, tmp_path / "cribo_tables.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp.png"))
+
+
+def test_cribo_table_command_writes_the_three_tables_and_the_figure_from_rows(tmp_path):
+    from cribo.cli import main
+
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    for seed, miou in ((0, 20.0), (1, 22.0)):
+        row = _row("incontext", miou, run="toy_dino", method="dino", arch="vit_tiny", dataset="toyscenes",
+                   pretrain_data="toyscenes", pretrain_epochs=3, fraction=1.0, seed=seed, miou_hungarian=miou)
+        (rows / f"s{seed}.json").write_text(json.dumps(row))
+    out = tmp_path / "tables"
+    assert main(["table", "--rows", str(rows), "--out", str(out), "--paper", "config/paper_results.yaml"]) == 0
+    table1 = (out / "cribo_table1.md").read_text()
+    # every published row is there, our toy run gets its own line with its own column
+    published = load_paper_results("config/paper_results.yaml")["published"]
+    ade = {e["fraction"]: e["miou"] for e in published if e["source"] == "S1" and e["method"] == "cribo"
+           and e["pretrain"] == "coco" and e["dataset"] == "ade20k" and e["table"] == "table1"}
+    cells = " | ".join(f"- / {ade[f]:.1f}" for f in (1 / 128, 1 / 64, 1 / 8, 1.0))
+    assert f"| CrIBo paper | CrIBo | ViT-S/16 | COCO | 300 |  | {cells} |" in table1
+    assert "| our runs without a published row | dino | ViT-T/16 | toyscenes | 3 | e/toy_dino |" in table1
+    assert "| 21.00 |" in table1
+    assert (out / "cribo_table2.csv").is_file() and (out / "cribo_table3.md").is_file()
+    assert (out / "cribo_tables.png").read_bytes()[:4] == b"\x89PNG"

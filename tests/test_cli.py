@@ -146,3 +146,22 @@ def test_warmup_longer_than_the_run_is_capped(tmp_path, tiny_voc):
     assert main(["train", "--config", str(cfg), "--output-dir", str(tmp_path / "run")]) == 0
     log = [json.loads(line) for line in (tmp_path / "run" / "log.txt").read_text().splitlines()]
     assert len(log) == 3
+
+
+def test_train_on_another_process_count_than_the_released_run_says_so(tmp_path, tiny_voc, capsys):
+    # released on 2 processes x 4 images; run here on 1 process with the per-process batch kept
+    cfg = _run_config(tmp_path, tiny_voc, "random", released={"world_size": 2, "batch_size": 4},
+                      optim={"batch_size": 4})
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--output-dir", str(out)]) == 0
+    assert "WARNING: this released config was trained on 2 processes x 4 images = 8" in capsys.readouterr().err
+    note = json.loads((out / "provenance.json").read_text())["released_batch"]
+    assert note["this_run"]["total_batch"] == 4 and note["released"]["total_batch"] == 8
+
+
+def test_cribo_with_local_crops_is_refused_without_a_traceback(tmp_path, tiny_voc, capsys):
+    cfg = _run_config(tmp_path, tiny_voc, "cribo", dino={"local_crops_number": 2})
+    assert main(["train", "--config", str(cfg), "--output-dir", str(tmp_path / "run")]) != 0
+    err = capsys.readouterr().err
+    assert "method cribo has no local crops" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

@@ -92,6 +92,32 @@ def test_released_run_configs_validate_with_their_published_settings(name, arch,
     assert cfg["cribo"]["queue_size"] == 25000 and cfg["dino"]["out_dim"] == cfg["cribo"]["object_out_dim"] == 65536
     gpus = 16 if arch == "vit_base" else 8
     assert cfg["optim"]["batch_size"] * gpus == total_batch and cfg["optim"]["epochs"] == epochs
+    assert cfg["released"]["world_size"] == gpus and cfg["released"]["batch_size"] == cfg["optim"]["batch_size"]
+    # the released launch is a note, not a setting: the run id ignores it
+    assert run_id(cfg) == run_id({k: v for k, v in cfg.items() if k != "released"})
+
+
+def test_released_batch_note_says_what_a_different_launch_changes():
+    from cribo.config import released_batch_note
+
+    cfg = validate_run_config(load_yaml("config/runs/cribo_vits16_coco.yaml"), "coco")  # 8 x 32 = 256
+    assert released_batch_note(cfg, 8) is None
+    note = released_batch_note(cfg, 2)  # per-process batch kept: 2 x 32 = 64
+    assert note["this_run"] == {"world_size": 2, "batch_size": 32, "total_batch": 64,
+                                "batch_size_set_explicitly": False}
+    assert note["released"]["total_batch"] == 256 and len(note["differs"]) == 1
+    assert note["differs"][0].startswith("total batch")
+    # 2 x 128 = 256: same total, another per-process batch (per-rank retrieval differs)
+    explicit = released_batch_note(apply_overrides(cfg, ["optim.batch_size=128"]), 2, overridden=True)
+    assert explicit["this_run"]["total_batch"] == 256 and explicit["this_run"]["batch_size_set_explicitly"]
+    assert [d.split(" (")[0] for d in explicit["differs"]] == ["per-process batch"]
+    assert released_batch_note(validate_run_config({"method": "cribo"}), 3) is None  # not a released config
+
+
+def test_cribo_with_local_crops_is_an_error():
+    with pytest.raises(ConfigError, match=r"method cribo has no local crops, but dino.local_crops_number is 2"):
+        validate_run_config({"method": "cribo", "dino": {"local_crops_number": 2}}, "x.yaml")
+    assert validate_run_config({"method": "dino", "dino": {"local_crops_number": 2}})["dino"]["local_crops_number"] == 2
 
 
 @pytest.mark.parametrize("name, method, images_dataset", [

@@ -91,5 +91,5 @@ def test_written_tables(tmp_path):
     path.write_text(yaml.safe_dump(PAPER))
     write_paper_tables([_row("incontext", 73.0, fraction=1.0, seed=0)], path, tmp_path / "out")
     md = (tmp_path / "out" / "paper_incontext.md").read_text()
-    assert "| paper | cribo | cribo | vit_small | 16 | imagenet | voc | 1 | - | 73.00 | - | 1 | 73.20 | -0.20 | readme |" in md
+    assert "| paper | cribo | cribo | vit_small | 16 | imagenet | voc | 1 | - | clean | 73.00 | - | 1 | 73.20 | -0.20 | readme |" in md
     assert (tmp_path / "out" / "paper_finetune.csv").read_text().startswith("experiment,run_name")

@@ -140,3 +140,13 @@ def test_baseline_weights_enter_the_dag_as_runs(tmp_path):
     # 5 trained runs + the baseline: one import, no pretraining of it, its features and rows like the others
     for rule, count in (("import_baseline", 1), ("pretrain", 5), ("extract", 12), ("eval_incontext", 18)):
         assert any(line.split() == [rule, str(count)] for line in text.splitlines()), (rule, text[-3000:])
+
+
+def test_released_checkpoints_named_in_baselines_are_fetched_by_the_import(tmp_path):
+    workdir = _workdir(tmp_path, baselines=["cribo_vits16_coco", "dino_vits16"])
+    out = _snakemake(workdir, "-n", "-p")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout + out.stderr
+    assert any(line.split() == ["import_baseline", "2"] for line in text.splitlines()), text[-3000:]
+    assert "--from-catalogue cribo_vits16_coco --catalogue config/checkpoints.yaml" in text
+    assert "--from-catalogue dino_vits16" in text and "--method dino" in text and "--pretrain-data imagenet" in text

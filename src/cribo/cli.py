@@ -158,11 +158,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ---- export ----
     ib = sub.add_parser("import-baseline", help="turn pretrained weights (official, timm, export) into a baseline run checkpoint")
-    ib.add_argument("--weights", required=True, help="weights file (any format --checkpoint takes)")
+    ib.add_argument("--weights", default=None, help="weights file (any format --checkpoint takes)")
+    ib.add_argument("--from-catalogue", default=None, metavar="NAME",
+                    help="instead of --weights: download (resumable, verified) the released checkpoint NAME of "
+                         "--catalogue into --downloads, then import it with the catalogue's method and pretraining data")
+    ib.add_argument("--catalogue", default="config/checkpoints.yaml", help="checkpoint catalogue (default %(default)s)")
+    ib.add_argument("--downloads", default="resources/checkpoints", help="download folder (default %(default)s)")
+    ib.add_argument("--url", default=None, help="with --from-catalogue: fetch from this URL instead (mirror, file:)")
     ib.add_argument("--timm-model", default=None, help="timm architecture of bare weights (e.g. vit_small_patch14_reg4_dinov2)")
-    ib.add_argument("--method", required=True, help="method name the tables use (e.g. dino, ibot, mae, dinov2r)")
+    ib.add_argument("--method", default=None, help="method name the tables use (e.g. dino, ibot, mae, dinov2r)")
     ib.add_argument("--pretrain-data", default=None, help="what it was pretrained on (e.g. imagenet), matched by the paper tables")
     ib.add_argument("--output-dir", required=True, help="folder for checkpoint.pth")
+
+    fc = sub.add_parser("fetch-checkpoint", help="download a released checkpoint of the catalogue by name (resumable, verified)")
+    fc.add_argument("name", help="catalogue name, e.g. cribo_vits16_coco (see config/checkpoints.yaml)")
+    fc.add_argument("--catalogue", default="config/checkpoints.yaml", help="checkpoint catalogue (default %(default)s)")
+    fc.add_argument("--downloads", default="resources/checkpoints", help="download folder (default %(default)s)")
+    fc.add_argument("--url", default=None, help="fetch from this URL instead (a mirror, or a local file: URL)")
     ib.add_argument("--summary", default=None, help="also write a JSON summary here (the DAG's completion marker)")
 
     exp = sub.add_parser("export", help="write a slim evaluation checkpoint (teacher backbone, safetensors)")
@@ -179,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="passes over the split (the in-context memory protocol uses 2 augmented passes)")
     ex.add_argument("--augment", action="store_true",
                     help="augment each pass (colour jitter + random resized crop, seeded per image and pass)")
+    ex.add_argument("--protocol", dest="preprocessing", default="clean", choices=["clean", "open-hbird"],
+                    help="input preprocessing: clean (bicubic resize, ImageNet std; default) or open-hbird "
+                         "(bilinear resize, open-hummingbird-eval's std 0.255), for `eval incontext --protocol`")
     ex.add_argument("--shard-images", type=int, default=2048,
                     help="images per resumable shard (default 2048)")
     _add_common_eval(ex)
@@ -213,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     ic.add_argument("--list-dir", default=None,
                     help="folder of such files in the open-hummingbird-eval layout (1_div_<D>/...<seed>...txt): "
                          "the file for --fraction 1/D and --seed is used")
+    ic.add_argument("--protocol", dest="incontext_protocol", default="clean", choices=["clean", "open-hbird"],
+                    help="clean (default): ignored pixels left out of the memory labels, ImageNet std, identity-mapped "
+                         "mIoU; open-hbird: open-hummingbird-eval's choices (ignored pixels as class 0 in the memory, "
+                         "std 0.255, bilinear resizing, Hungarian mIoU over all classes), to compare with numbers "
+                         "published through it")
     ic.add_argument("--experiment", default=None, help="experiment name recorded in the row")
     ic.add_argument("--run-name", default=None, help="run name recorded in the row")
     _add_common_eval(ic)
@@ -367,10 +387,32 @@ def _relaunch_under_torchrun(nproc: int, argv: list[str]) -> None:
     os.execv(sys.executable, command)
 
 
+def _warn_released_batch(note: dict) -> None:
+    released, mine = note["released"], note["this_run"]
+    print("=" * 78 + "\n"
+          f"WARNING: this released config was trained on {released['world_size']} processes x "
+          f"{released['batch_size']} images = {released['total_batch']}; this run uses {mine['world_size']} x "
+          f"{mine['batch_size']} = {mine['total_batch']}.\n"
+          f"Different: {'; '.join(note['differs'])}.\n"
+          "The per-process batch is kept (set it with --set optim.batch_size=N); results are not the "
+          "paper's setting. Recorded in provenance.json under 'released_batch'.\n" + "=" * 78,
+          file=sys.stderr, flush=True)
+
+
+def _record_in_provenance(path: Path, key: str, value: dict) -> None:
+    """Add ``key`` to the provenance the engine wrote (it rewrites the file on every start, so the
+    note is added once training returns)."""
+    from cribo.config import atomic_write_text
+
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    record[key] = value
+    atomic_write_text(path, json.dumps(record, indent=2))
+
+
 def cmd_train(args) -> None:
     import os
 
-    from cribo.config import (ConfigError, apply_overrides, load_yaml, resolve_runs, run_id,
+    from cribo.config import (ConfigError, apply_overrides, load_yaml, released_batch_note, resolve_runs, run_id,
                               validate_run_config)
     from cribo.train.distributed import read_launch_env
     from cribo.train.engine import train
@@ -389,12 +431,18 @@ def cmd_train(args) -> None:
         _relaunch_under_torchrun(args.nproc_per_node, args.argv)
     if args.nproc_per_node > 1 and launch.world_size == 1 and "RANK" in os.environ:
         raise ConfigError("--nproc-per-node > 1 inside a torchrun job of one process; launch either way, not both")
+    batch_note = released_batch_note(cfg, launch.world_size, overridden=any(
+        o.split("=", 1)[0].strip() == "optim.batch_size" for o in args.overrides or []))
     if launch.rank == 0:
         print(f"run id {run_id(cfg)}: method {cfg['method']}, output {args.output_dir}", flush=True)
+        if batch_note:
+            _warn_released_batch(batch_note)
     started = time.time()
     path = train(cfg, args.output_dir)
     if launch.rank != 0:  # rank 0 reports and writes the completion marker
         return
+    if batch_note:
+        _record_in_provenance(Path(args.output_dir) / "provenance.json", "released_batch", batch_note)
     print(f"checkpoint: {path}")
     if args.summary:
         from cribo.config import atomic_write_text
@@ -422,11 +470,29 @@ def cmd_import_baseline(args) -> None:
     from cribo.config import atomic_write_text
     from cribo.train.baseline import import_baseline
 
-    summary = import_baseline(args.weights, args.output_dir, method=args.method, pretrain=args.pretrain_data,
-                              timm_model=args.timm_model)
+    weights, method, pretrain, timm_model = args.weights, args.method, args.pretrain_data, args.timm_model
+    if args.from_catalogue:
+        from cribo.models.catalogue import fetch_checkpoint, get_entry, load_catalogue
+
+        catalogue = load_catalogue(args.catalogue)
+        entry = get_entry(catalogue, args.from_catalogue)
+        weights = fetch_checkpoint(catalogue, args.from_catalogue, args.downloads, url=args.url,
+                                   progress=not getattr(args, "no_progress", False))
+        method, pretrain = method or entry["method"], pretrain or entry["pretrain"]
+        timm_model = timm_model or entry.get("timm_model")
+    if weights is None or method is None:
+        raise ValueError("import-baseline needs --weights and --method, or --from-catalogue NAME")
+    summary = import_baseline(weights, args.output_dir, method=method, pretrain=pretrain, timm_model=timm_model)
     if args.summary:
         atomic_write_text(args.summary, json.dumps(summary, indent=1) + "\n")
     print(f"baseline {args.method} imported -> {summary['checkpoint']}")
+
+
+def cmd_fetch_checkpoint(args) -> None:
+    from cribo.models.catalogue import fetch_checkpoint, load_catalogue
+
+    path = fetch_checkpoint(load_catalogue(args.catalogue), args.name, args.downloads, url=args.url)
+    print(f"{args.name} -> {path}")
 
 
 def cmd_export(args) -> None:
@@ -445,7 +511,7 @@ def cmd_extract(args) -> None:
     backbone, ckpt, device, size = _load_eval_backbone(args)
     extract_to_disk(backbone, spec, args.data_root, args.split, size, args.out, batch_size=args.batch_size,
                     device=device, num_workers=args.num_workers, passes=args.passes, augment=args.augment,
-                    shard_images=args.shard_images, progress=not args.no_progress,
+                    shard_images=args.shard_images, progress=not args.no_progress, preprocessing=args.preprocessing,
                     extra_meta={"checkpoint": args.checkpoint, "checkpoint_sha256": file_sha256(args.checkpoint),
                                 "method": ckpt["method"]})
     print(f"features {load_store(args.out).features.shape} written to {args.out}")
@@ -593,7 +659,8 @@ def cmd_eval(args) -> None:
         backbone, ckpt, device, size = _load_eval_backbone(args)
         extract = lambda split: extract_split(backbone, spec, args.data_root, split, size,  # noqa: E731
                                               batch_size=args.batch_size, device=device,
-                                              num_workers=args.num_workers, progress=not args.no_progress)
+                                              num_workers=args.num_workers, progress=not args.no_progress,
+                                              preprocessing=args.incontext_protocol)
         train_store, val_store = extract(spec.train_split), extract(spec.val_split)
     for store in (train_store, val_store):
         if store.meta["dataset"] != spec.name:
@@ -606,7 +673,7 @@ def cmd_eval(args) -> None:
         result = run_incontext(train_store, val_store, fraction=fraction, seed=seed, k=args.k,
                                temperature=args.temperature, memory_size=args.memory_size,
                                train_ids=read_id_list(list_file) if list_file else None, index_kind=args.index,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, protocol=args.incontext_protocol)
         if list_file:
             result["train_list"] = str(list_file)
         row = make_row("incontext", result, checkpoint=args.checkpoint,
@@ -616,7 +683,8 @@ def cmd_eval(args) -> None:
                        experiment=args.experiment, run_name=args.run_name, started=started)
         write_row(row, out)
         started = time.time()
-        print(f"in-context mIoU {row['miou']:.2f} (Hungarian {row['miou_hungarian']:.2f}) -> {out}")
+        print(f"in-context mIoU {row['miou']:.2f} ({args.incontext_protocol} protocol; Hungarian "
+              f"{row['miou_hungarian']:.2f}) -> {out}")
 
 
 def cmd_figures(args) -> None:
@@ -714,6 +782,7 @@ def cmd_table(args) -> None:
 
 
 COMMANDS = {"data": cmd_data, "config": cmd_config, "train": cmd_train, "import-baseline": cmd_import_baseline,
+            "fetch-checkpoint": cmd_fetch_checkpoint,
             "export": cmd_export, "extract": cmd_extract,
             "eval": cmd_eval, "table": cmd_table, "orl": cmd_orl, "curves": cmd_curves, "figures": cmd_figures}
 
@@ -725,12 +794,14 @@ def main(argv: list[str] | None = None) -> int:
     from cribo.data.registry import UnknownDatasetError
     from cribo.data.download import DownloadError
     from cribo.data.segmentation import DataError
+    from cribo.models.catalogue import CatalogueError
     from cribo.results.paper import PaperResultsError
     from cribo.results.tables import RowError
     from cribo.train.checkpoint import CheckpointLoadError
 
     user_errors = (ConfigError, UnknownDatasetError, DataError, RowError, CheckpointLoadError,
-                   FileNotFoundError, FileExistsError, KeyError, ValueError, DownloadError, PaperResultsError)
+                   FileNotFoundError, FileExistsError, KeyError, ValueError, DownloadError, PaperResultsError,
+                   CatalogueError)
     try:
         COMMANDS[args.command](args)
     except user_errors as err:

@@ -29,7 +29,7 @@ import jsonschema
 import yaml
 
 # Sections of the run config that never change the trained weights: left out of the run id.
-NON_ARTEFACT_KEYS = ("train",)
+NON_ARTEFACT_KEYS = ("train", "released")
 # Sections a method never reads, so that tuning one method does not rename another's runs.
 METHOD_SECTIONS_IGNORED = {"dino": ("cribo", "byol", "orl"), "cribo": ("byol", "orl"),
                            "byol": ("dino", "cribo", "orl"), "orl": ("dino", "cribo"),
@@ -100,7 +100,41 @@ def validate_run_config(cfg: dict, source: str = "config") -> dict:
     errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError(_format_error(errors[0], source))
+    if cfg["method"] == "cribo" and cfg["dino"]["local_crops_number"] > 0:
+        # the official CrIBo code builds two global views only; silently dropping local crops would
+        # train something else than the user asked for
+        raise ConfigError(f"{source}: method cribo has no local crops, but dino.local_crops_number is "
+                          f"{cfg['dino']['local_crops_number']}; set it to 0 (or use method: dino)")
     return cfg
+
+
+def released_batch_note(cfg: dict, world_size: int, overridden: bool = False) -> dict | None:
+    """How a launch departs from the released run's batch (``None`` when it does not, or when the
+    config is not a released one).
+
+    Policy: the per-process batch (``optim.batch_size``) is kept, so each rank sees what a released
+    rank saw (objects entering the bank per step, per-rank cycle-check matching), and the total
+    batch, hence the peak lr (``lr x total / 256``) and the bank's fill rate, follow the number of
+    processes. ``overridden``: the user set ``optim.batch_size`` explicitly (``--set``).
+    """
+    released = cfg.get("released")
+    if not released:
+        return None
+    total = cfg["optim"]["batch_size"] * world_size
+    released_total = released["batch_size"] * released["world_size"]
+    if total == released_total and world_size == released["world_size"]:
+        return None
+    return {
+        "released": {"world_size": released["world_size"], "batch_size": released["batch_size"],
+                     "total_batch": released_total, "source": released.get("source")},
+        "this_run": {"world_size": world_size, "batch_size": cfg["optim"]["batch_size"], "total_batch": total,
+                     "batch_size_set_explicitly": overridden},
+        "differs": [what for what, same in (("total batch (peak lr = lr x total / 256, objects enqueued per step)",
+                                             total == released_total),
+                                            ("per-process batch (per-rank retrieval and cycle check)",
+                                             cfg["optim"]["batch_size"] == released["batch_size"]))
+                    if not same],
+    }
 
 
 def deep_merge(base: dict, override: dict) -> dict:

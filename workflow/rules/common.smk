@@ -12,11 +12,22 @@ if _twins:
     raise ConfigError(f"runs {', '.join(_twins)} have identical settings (same run id); make them differ or drop one")
 TRAINED_IDS = list(RUN_IDS.values())
 # baselines: pretrained weights imported as runs (no training); their id hashes what they are
+# (a list names released checkpoints of config/checkpoints.yaml: import_baseline downloads them)
+CHECKPOINT_CATALOGUE = "config/checkpoints.yaml"
+CHECKPOINT_DOWNLOADS = "resources/checkpoints"
 BASELINES = config.get("baselines") or {}
+if isinstance(BASELINES, list):
+    from cribo.models.catalogue import baseline_spec, load_catalogue
+
+    _catalogue = load_catalogue(CHECKPOINT_CATALOGUE)
+    BASELINES = {name: baseline_spec(_catalogue, name, CHECKPOINT_DOWNLOADS) for name in BASELINES}
 for _name, _spec in BASELINES.items():
     if _name in RUN_IDS:
         raise ConfigError(f"baselines.{_name}: a run has the same name; rename one of them")
-    RUN_IDS[_name] = short_hash({k: _spec.get(k) for k in ("weights", "timm_model", "method", "pretrain")})
+    # a catalogue checkpoint is what its name says; a local file is its path and how it is read
+    _identity = ("catalogue", "timm_model", "method", "pretrain") if _spec.get("catalogue") else (
+        "weights", "timm_model", "method", "pretrain")
+    RUN_IDS[_name] = short_hash({k: _spec.get(k) for k in _identity})
 BASELINE_IDS = [RUN_IDS[n] for n in BASELINES]
 RUN_NAME = {rid: name for name, rid in RUN_IDS.items()}
 # the process layout of each trained run (cribo.train.launch_layout): torchrun on one node, or srun tasks
@@ -42,7 +53,10 @@ PRETRAIN_THREADS = config["pretrain_threads"]
 # The dataset folder is hashed in too: a regenerated or moved dataset must not reuse old features
 # (a DVC experiment's temporary copy has no Snakemake metadata to notice the change otherwise).
 FEATURES_ID = f"{DATASET}-{short_hash(DATA_ROOT, 6)}-{EVAL['image_size']}px"
-INCONTEXT_ID = f"{FEATURES_ID}-{short_hash({k: INCONTEXT[k] for k in ('k', 'temperature', 'memory_size', 'memory_passes', 'memory_augment')}, 6)}"
+_INCONTEXT_SETTINGS = {k: INCONTEXT[k] for k in ('k', 'temperature', 'memory_size', 'memory_passes', 'memory_augment')}
+if INCONTEXT["protocol"] != "clean":  # the clean protocol keeps the ids it had before the choice existed
+    _INCONTEXT_SETTINGS["protocol"] = INCONTEXT["protocol"]
+INCONTEXT_ID = f"{FEATURES_ID}-{short_hash(_INCONTEXT_SETTINGS, 6)}"
 OVERCLUSTER = EVAL["overcluster"]
 OVERCLUSTER_ID = f"{FEATURES_ID}-{short_hash({k: OVERCLUSTER[k] for k in ('seeds', 'pca_dim', 'iterations', 'restarts')}, 6)}"
 LINEAR = EVAL["linear"]
@@ -61,8 +75,11 @@ LINEAR_IDS = {
 FINETUNE_ID = f"{DATA_ID}-{DENSE['crop']}px-{short_hash({**{k: v for k, v in FINETUNE.items() if k != 'decoders'}, **DENSE}, 6)}"
 RUN_DIR = "results/{experiment}/{run_id}"
 # feature folders: the queries in one plain pass, the memory as the protocol asks
+# ("h": extracted with open-hummingbird-eval's preprocessing, for evaluate.incontext.protocol open-hbird)
 QUERY_PASSES = "x1"
 MEMORY_PASSES = f"x{INCONTEXT['memory_passes']}{'a' if INCONTEXT['memory_augment'] else ''}"
+_HBIRD = "h" if INCONTEXT["protocol"] == "open-hbird" else ""
+INCONTEXT_QUERY_PASSES, INCONTEXT_MEMORY_PASSES = QUERY_PASSES + _HBIRD, MEMORY_PASSES + _HBIRD
 
 
 wildcard_constraints:
@@ -71,7 +88,7 @@ wildcard_constraints:
     split="[A-Za-z0-9_]+",
     fraction="[0-9.]+",
     seed="[0-9]+",
-    passes="x[0-9]+a?",
+    passes="x[0-9]+a?h?",
     clusters="classes|[0-9]+",
     protocol="leopart|mmseg",
     decoder="mask|linear",

@@ -8,8 +8,8 @@ rule eval_incontext:
     # every (fraction, seed) row of one run in one job: the stores are loaded once
     input:
         summary=f"{RUN_DIR}/pretrain/summary.json",
-        train=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.train_split}-{MEMORY_PASSES}",
-        val=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.val_split}-{QUERY_PASSES}",
+        train=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.train_split}-{INCONTEXT_MEMORY_PASSES}",
+        val=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.val_split}-{INCONTEXT_QUERY_PASSES}",
     output:
         [f"{RUN_DIR}/eval/incontext/{INCONTEXT_ID}/f{fraction}-s{seed}.json" for fraction, seed in INCONTEXT_SETTINGS],
     log:
@@ -27,7 +27,7 @@ rule eval_incontext:
     shell:
         "cribo eval incontext --checkpoint {params.ckpt} --dataset {DATASET} --data-root {DATA_ROOT} "
         "--train-features {input.train} --val-features {input.val} "
-        "--k {INCONTEXT[k]} --temperature {INCONTEXT[temperature]} {params.memory} "
+        "--k {INCONTEXT[k]} --temperature {INCONTEXT[temperature]} {params.memory} --protocol {INCONTEXT[protocol]} "
         "--fraction {params.fractions} --seed {params.seeds} "
         "--experiment {wildcards.experiment} --run-name {params.name} "
         "--out {params.out:q} --no-progress > {log} 2>&1"
@@ -37,8 +37,8 @@ rule figures:
     # in-context predictions beside the ground truth, and cross-image object matches (PNGs)
     input:
         summary=f"{RUN_DIR}/pretrain/summary.json",
-        train=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.train_split}-{MEMORY_PASSES}",
-        val=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.val_split}-{QUERY_PASSES}",
+        train=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.train_split}-{INCONTEXT_MEMORY_PASSES}",
+        val=f"{RUN_DIR}/features/{FEATURES_ID}/{SPEC.val_split}-{INCONTEXT_QUERY_PASSES}",
     output:
         report(directory(f"{RUN_DIR}/figures/{INCONTEXT_ID}"), patterns=["{name}.png"],
                caption="../report/figures.rst", category="3. Figures", subcategory="run {run_id}",

@@ -1,6 +1,7 @@
 # extract: the frozen teacher backbone's last-layer patch tokens of one split, on disk.
 # The folder name carries the passes: "<split>-x1" (one plain pass, the queries) or "<split>-x2a"
-# (two augmented passes, the in-context memory).
+# (two augmented passes, the in-context memory); a trailing "h" ("<split>-x2ah") extracts with
+# open-hummingbird-eval's preprocessing (evaluate.incontext.protocol: open-hbird).
 
 
 rule extract:
@@ -18,9 +19,10 @@ rule extract:
         ckpt=lambda wc, input: os.path.join(os.path.dirname(input.summary), "checkpoint.pth"),
         size=EVAL["image_size"],
         batch=EVAL["batch_size"],
-        passes=lambda wc: wc.passes[1:].rstrip("a"),
-        augment=lambda wc: "--augment" if wc.passes.endswith("a") else "",
+        passes=lambda wc: wc.passes[1:].rstrip("ah"),
+        augment=lambda wc: "--augment" if wc.passes.rstrip("h").endswith("a") else "",
+        preprocessing=lambda wc: "open-hbird" if wc.passes.endswith("h") else "clean",
     shell:
         "cribo extract --checkpoint {params.ckpt} --dataset {DATASET} --data-root {DATA_ROOT} "
         "--split {wildcards.split} --image-size {params.size} --batch-size {params.batch} "
-        "--passes {params.passes} {params.augment} --out {output} --no-progress > {log} 2>&1"
+        "--passes {params.passes} {params.augment} --protocol {params.preprocessing} --out {output} --no-progress > {log} 2>&1"

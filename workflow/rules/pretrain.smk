@@ -83,13 +83,20 @@ if BASELINES:
         # pretrained weights (an official release, timm weights, an export) become a run's checkpoint
         wildcard_constraints:
             run_id="|".join(BASELINE_IDS),
+        # a local file is an input; a catalogue checkpoint is fetched by the rule (resumable, verified)
         input:
-            weights=lambda wc: BASELINES[RUN_NAME[wc.run_id]]["weights"],
+            weights=lambda wc: ([] if BASELINES[RUN_NAME[wc.run_id]].get("catalogue")
+                                else BASELINES[RUN_NAME[wc.run_id]]["weights"]),
+            catalogue=lambda wc: CHECKPOINT_CATALOGUE if BASELINES[RUN_NAME[wc.run_id]].get("catalogue") else [],
         output:
             f"{RUN_DIR}/pretrain/summary.json",
         log:
             "logs/{experiment}/{run_id}/import_baseline.log",
         params:
+            source=lambda wc: (f"--from-catalogue {BASELINES[RUN_NAME[wc.run_id]]['catalogue']} "
+                               f"--catalogue {CHECKPOINT_CATALOGUE} --downloads {CHECKPOINT_DOWNLOADS}"
+                               if BASELINES[RUN_NAME[wc.run_id]].get("catalogue")
+                               else f"--weights {BASELINES[RUN_NAME[wc.run_id]]['weights']}"),
             outdir=lambda wc, output: os.path.dirname(output[0]),
             spec=lambda wc: BASELINES[RUN_NAME[wc.run_id]],
             timm=lambda wc: (f"--timm-model {BASELINES[RUN_NAME[wc.run_id]]['timm_model']}"
@@ -97,7 +104,7 @@ if BASELINES:
             pretrain=lambda wc: (f"--pretrain-data {BASELINES[RUN_NAME[wc.run_id]]['pretrain']}"
                                  if BASELINES[RUN_NAME[wc.run_id]].get("pretrain") else ""),
         shell:
-            "cribo import-baseline --weights {input.weights} {params.timm} --method {params.spec[method]} "
+            "cribo import-baseline {params.source} {params.timm} --method {params.spec[method]} "
             "{params.pretrain} --output-dir {params.outdir} --summary {output} > {log} 2>&1"
 
 

@@ -19,6 +19,11 @@ rule table:
         paper_md=expand("results/tables/paper_{protocol}.md", protocol=PAPER_PROTOCOLS),
         paper_csv=[report(f"results/tables/paper_{p}.csv", caption="../report/paper.rst", category="1. Tables",
                           subcategory="paper comparison") for p in PAPER_PROTOCOLS],
+        cribo_md=expand("results/tables/cribo_table{n}.md", n=(1, 2, 3)),
+        cribo_csv=[report(f"results/tables/cribo_table{n}.csv", caption="../report/cribo_tables.rst",
+                          category="1. Tables", subcategory="CrIBo Tables 1-3") for n in (1, 2, 3)],
+        cribo_png=report("results/tables/cribo_tables.png", caption="../report/cribo_tables.rst",
+                         category="1. Tables", subcategory="CrIBo Tables 1-3"),
         metrics="results/tables/metrics.json",
     log:
         "logs/tables/table.log",

@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".zip")
+PLAIN = (".json",)  # single files (Pascal Context's annotations): copied into dest as they are
 
 
 class UnsafeArchiveError(ValueError):
@@ -44,14 +45,16 @@ def extract(archive: str | Path, dest: str | Path, *, progress: bool = False) ->
     """
     archive, dest = Path(archive), Path(dest)
     name = archive.name.lower()
-    if not name.endswith(SUFFIXES):
-        raise ValueError(f"cannot extract {archive}: supported suffixes are {', '.join(SUFFIXES)}")
+    if not name.endswith(SUFFIXES + PLAIN):
+        raise ValueError(f"cannot extract {archive}: supported suffixes are {', '.join(SUFFIXES + PLAIN)}")
     partial = dest.with_name(dest.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     try:
-        if name.endswith(".zip"):
+        if name.endswith(PLAIN):
+            shutil.copyfile(archive, partial / archive.name)
+        elif name.endswith(".zip"):
             with zipfile.ZipFile(archive) as z:
                 members = z.infolist()
                 for info in members:

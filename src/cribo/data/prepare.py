@@ -11,6 +11,11 @@ Input: each archive of :data:`cribo.data.registry.ARCHIVES` extracted into its o
 - ``coco-stuff15`` / ``coco-things12`` / ``coco-stuff171``: masks written as single-channel PNGs by
   :mod:`cribo.data.coco`, images linked, in the VOC layout (``train`` / ``val`` lists).
 - ``coco``: train2017 + val2017 images linked into one folder of unlabelled images (pretraining).
+- ``pascal-context``: VOC2010 images (linked) with 59-class masks drawn from the Detail API JSON
+  ``trainval_merged.json`` (the file mmsegmentation's converter reads): each image's segmentation
+  annotations (COCO RLE, decoded with pycocotools) painted in file order with their category id,
+  the 59 ids of ``registry.PASCAL_CONTEXT_IDS`` mapped to 0-58 in sorted order, everything else
+  (background, id 0) to the ignore label 255; ``train`` / ``val`` lists from the images' phase.
 
 Every output file is written under a temporary name and renamed, existing outputs are kept (a
 killed preparation resumes), and ``.prepared.json`` (counts, seconds) is written last: its
@@ -253,6 +258,68 @@ def prepare_coco(raw: Path, out: Path, variant: str, workers: int = 1, progress:
     return _finish(out, started, **counts)
 
 
+# ---------------------------------------------------------------- Pascal Context (59 classes)
+
+
+def pascal_context_mask(height: int, width: int, segments: list[dict]) -> np.ndarray:
+    """``H x W`` uint8 59-class mask of one image from its Detail segmentation annotations
+    (``{"category_id", "segmentation": COCO RLE}``): later annotations paint over earlier ones."""
+    from pycocotools import mask as rle_mask
+
+    from cribo.data.registry import PASCAL_CONTEXT_IDS
+
+    ids = np.zeros((height, width), dtype=np.int64)
+    for segment in segments:
+        rle = dict(segment["segmentation"])
+        if isinstance(rle.get("counts"), list):  # uncompressed RLE
+            rle = rle_mask.frPyObjects(rle, height, width)
+        elif isinstance(rle.get("counts"), str):
+            rle["counts"] = rle["counts"].encode()
+        pixels = rle_mask.decode(rle).astype(bool)
+        if pixels.shape != (height, width):
+            raise DataError(f"a segmentation of category {segment['category_id']} is {pixels.shape[1]}x"
+                            f"{pixels.shape[0]}, its image {width}x{height}")
+        ids[pixels] = segment["category_id"]
+    lookup = np.full(max(int(ids.max()), max(PASCAL_CONTEXT_IDS)) + 1, 255, dtype=np.uint8)
+    lookup[list(PASCAL_CONTEXT_IDS)] = np.arange(len(PASCAL_CONTEXT_IDS), dtype=np.uint8)
+    return lookup[ids]
+
+
+def prepare_pascal_context(raw: Path, out: Path, workers: int = 1, progress: bool = True) -> dict:
+    started = time.time()
+    voc = _need(raw / "voc2010" / "VOCdevkit" / "VOC2010", "Pascal VOC 2010 folder")
+    annotations = _need(raw / "pascal_context_annotations" / "trainval_merged.json", "Pascal Context annotations")
+    try:
+        data = json.loads(annotations.read_text())
+        images = {img["image_id"]: img for img in data["images"]}
+        segments: dict = {}
+        for segment in data["annos_segmentation"]:
+            segments.setdefault(segment["image_id"], []).append(segment)
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{annotations} is not the Detail API's trainval_merged.json ({err!r})") from err
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "SegmentationClass").mkdir(exist_ok=True)
+    splits: dict[str, list[str]] = {"train": [], "val": []}
+    for image_id, img in tqdm(sorted(images.items()), desc="pascal-context masks", disable=not progress,
+                              file=sys.stdout, mininterval=5):
+        phase = img.get("phase")
+        if phase not in splits:
+            continue
+        stem = Path(img["file_name"]).stem
+        source = _need(voc / "JPEGImages" / img["file_name"], "VOC2010 image")
+        _link(source, out / "JPEGImages" / f"{stem}.jpg")
+        dest = out / "SegmentationClass" / f"{stem}.png"
+        if not dest.is_file():
+            _save_mask(pascal_context_mask(img["height"], img["width"], segments.get(image_id, [])), dest)
+        splits[phase].append(stem)
+    for split, ids in splits.items():
+        _write_text(out / "ImageSets" / "Segmentation" / f"{split}.txt", "\n".join(sorted(ids)) + "\n")
+    from cribo.data.registry import PASCAL_CONTEXT_CLASSES
+
+    _write_text(out / "meta.json", json.dumps({"classes": list(PASCAL_CONTEXT_CLASSES)}, indent=1) + "\n")
+    return _finish(out, started, train=len(splits["train"]), val=len(splits["val"]))
+
+
 def prepare_coco_images(raw: Path, out: Path, workers: int = 1, progress: bool = True) -> dict:
     """COCO train2017 + val2017 as one folder of unlabelled images (links), for pretraining."""
     started = time.time()
@@ -278,5 +345,7 @@ def prepare(name: str, raw: str | Path, out: str | Path, workers: int = 1, progr
         return prepare_coco(raw, out, name, workers, progress)
     if name == "coco":
         return prepare_coco_images(raw, out, workers, progress)
+    if name == "pascal-context":
+        return prepare_pascal_context(raw, out, workers, progress)
     raise ValueError(f"no prepare step for {name!r}; preparable: voc, ade20k, coco, coco-stuff15, coco-things12, "
-                     "coco-stuff171 (imagenet and cityscapes are user-provided: `cribo data check`)")
+                     "coco-stuff171, pascal-context (imagenet and cityscapes are user-provided: `cribo data check`)")

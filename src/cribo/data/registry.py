@@ -50,6 +50,20 @@ VOC_CLASSES = (
     "train", "tvmonitor",
 )
 
+# Pascal Context, 59 classes as mmsegmentation's PascalContextDataset59 (background ignored): the
+# Detail API category ids of the 59 classes, whose sorted order is the class order, and the names
+PASCAL_CONTEXT_IDS = (
+    2, 9, 18, 19, 22, 23, 25, 31, 33, 34, 44, 45, 46, 59, 65, 68, 72, 80, 85, 98, 104, 105, 113, 115, 144, 158,
+    159, 162, 187, 189, 207, 220, 232, 258, 259, 260, 284, 295, 296, 308, 324, 326, 347, 349, 354, 355, 360,
+    366, 368, 397, 415, 416, 420, 424, 427, 440, 445, 454, 458)
+PASCAL_CONTEXT_CLASSES = (
+    "aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book", "bottle", "building",
+    "bus", "cabinet", "car", "cat", "ceiling", "chair", "cloth", "computer", "cow", "cup", "curtain", "dog",
+    "door", "fence", "floor", "flower", "food", "grass", "ground", "horse", "keyboard", "light", "motorbike",
+    "mountain", "mouse", "person", "plate", "platform", "pottedplant", "road", "rock", "sheep", "shelves",
+    "sidewalk", "sign", "sky", "snow", "sofa", "table", "track", "train", "tree", "truck", "tvmonitor", "wall",
+    "water", "window", "wood")
+
 _GB = 1_000_000_000
 ARCHIVES: dict[str, Archive] = {a.name: a for a in (
     Archive("voc2012", "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
@@ -68,6 +82,13 @@ ARCHIVES: dict[str, Archive] = {a.name: a for a in (
     Archive("coco_panoptic_annotations",
             "http://images.cocodataset.org/annotations/panoptic_annotations_trainval2017.zip",
             "panoptic_annotations_trainval2017.zip", int(0.9 * _GB)),
+    # Pascal Context (mmseg's 59-class setting): the VOC2010 images (md5 as torchvision's VOC table
+    # gives it) and the context annotations in the Detail API's JSON (the file mmseg's converter
+    # reads; no published checksum: its sha256 is recorded at the first download)
+    Archive("voc2010", "http://host.robots.ox.ac.uk/pascal/VOC/voc2010/VOCtrainval_03-May-2010.tar",
+            "VOCtrainval_03-May-2010.tar", int(1.3 * _GB), "da459979d0c395079b5c75ee67908abb"),
+    Archive("pascal_context_annotations", "https://codalabuser.blob.core.windows.net/public/trainval_merged.json",
+            "trainval_merged.json", int(0.6 * _GB)),
     Archive("coco_stuffthingmaps",
             "http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/stuffthingmaps_trainval2017.zip",
             "stuffthingmaps_trainval2017.zip", int(0.7 * _GB)),
@@ -82,6 +103,7 @@ PREPARED: dict[str, tuple[str, ...]] = {
     "coco-things12": (*_COCO_IMAGES, "coco_panoptic_annotations"),
     "coco-stuff171": (*_COCO_IMAGES, "coco_stuffthingmaps"),
     "coco": _COCO_IMAGES,  # unlabelled images for pretraining
+    "pascal-context": ("voc2010", "pascal_context_annotations"),
 }
 USER_PROVIDED = ("imagenet", "cityscapes")
 
@@ -101,6 +123,7 @@ _REGISTRY: dict[str, DatasetSpec] = {
     "coco-stuff15": _coco_spec("coco-stuff15", 15),
     "coco-things12": _coco_spec("coco-things12", 12),
     "coco-stuff171": _coco_spec("coco-stuff171", 171),
+    "pascal-context": DatasetSpec("pascal-context", "voc", 59, 255, "train", "val", PASCAL_CONTEXT_CLASSES),
 }
 
 

@@ -129,20 +129,28 @@ class VOCLayoutSegmentation(Dataset):
 class ResizePair:
     """Deterministic evaluation transform: image and mask resized to ``size x size``.
 
-    The image is resized bicubically with antialiasing and normalised with the ImageNet mean and
-    std; the mask with nearest-neighbour (labels must not be blended). Aspect ratio is not kept,
+    The image is resized bicubically (or with ``resample``) with antialiasing and normalised with
+    ``mean`` and ``std`` (default: ImageNet's); the mask with nearest-neighbour (labels must not be blended). Aspect ratio is not kept,
     as in the Hummingbird protocol.
     """
 
-    def __init__(self, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, resample: int = Image.BICUBIC,
+                 torch_nearest_mask: bool = False):
         self.size = size
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
+        self.resample = resample
+        # torch's "nearest" samples source pixel floor(x * in / out), PIL's the centre one
+        # floor((x + 0.5) * in / out); open-hummingbird-eval resizes its masks with torch's
+        self.torch_nearest_mask = torch_nearest_mask
 
     def __call__(self, image: Image.Image, mask: np.ndarray):
         if image.size != (self.size, self.size):  # already at size: resampling would be an identity
-            image = image.resize((self.size, self.size), Image.BICUBIC)
-        if mask.shape != (self.size, self.size):
+            image = image.resize((self.size, self.size), self.resample)
+        if mask.shape != (self.size, self.size) and self.torch_nearest_mask:
+            mask = torch.nn.functional.interpolate(torch.from_numpy(np.array(mask))[None, None].float(),
+                                                   size=(self.size, self.size), mode="nearest")[0, 0].numpy()
+        elif mask.shape != (self.size, self.size):
             mask = np.asarray(Image.fromarray(mask).resize((self.size, self.size), Image.NEAREST))
         x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
         x = (x / 255.0 - self.mean) / self.std

@@ -29,12 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from cribo.config import provenance
 from cribo.data.registry import DatasetSpec
-from cribo.data.segmentation import ResizePair, segmentation_dataset
+from cribo.data.segmentation import IMAGENET_MEAN, IMAGENET_STD, ResizePair, segmentation_dataset
 from cribo.eval.incontext import patch_label_counts
 from cribo.models.backbones import PatchFeatureExtractor
 from cribo.train.sampling import sample_seed
@@ -58,6 +59,22 @@ def check_image_size(image_size: int, patch_size: int) -> None:
                          f"{patch_size}; pick e.g. {image_size // patch_size * patch_size}")
 
 
+# How images become network inputs. "clean": bicubic resize, ImageNet statistics. "open-hbird":
+# what open-hummingbird-eval does (torchvision's bilinear resize, masks by torch's nearest; its
+# std 0.255 for the blue channel, a typo of ImageNet's 0.225 that its published numbers carry).
+PREPROCESSING = {
+    "clean": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "resample": Image.BICUBIC},
+    "open-hbird": {"mean": IMAGENET_MEAN, "std": (0.229, 0.224, 0.255), "resample": Image.BILINEAR,
+                   "torch_nearest_mask": True},
+}
+
+
+def _resize_pair(size: int, preprocessing: str) -> ResizePair:
+    if preprocessing not in PREPROCESSING:
+        raise ValueError(f"preprocessing must be one of {', '.join(PREPROCESSING)}, got {preprocessing!r}")
+    return ResizePair(size, **PREPROCESSING[preprocessing])
+
+
 class MemoryAugmentation:
     """The Hummingbird memory augmentation of an (image, mask) pair, then :class:`ResizePair`.
 
@@ -68,10 +85,10 @@ class MemoryAugmentation:
     torch RNG, which the caller seeds per sample.
     """
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, preprocessing: str = "clean"):
         from torchvision.transforms import v2
 
-        self.resize = ResizePair(size)
+        self.resize = _resize_pair(size, preprocessing)
         self.jitter = [v2.RandomApply([t], p=0.5) for t in (
             v2.ColorJitter(brightness=0.1), v2.ColorJitter(contrast=0.1), v2.ColorJitter(saturation=0.1),
             v2.ColorJitter(hue=0.1))]
@@ -98,11 +115,11 @@ class _PassesDataset(Dataset):
     with its resized mask and per-patch label counts (computed here, off the forward's critical path)."""
 
     def __init__(self, base, spec: DatasetSpec, image_size: int, patch_size: int,
-                 passes: int, augment: bool, seed: int):
+                 passes: int, augment: bool, seed: int, preprocessing: str = "clean"):
         self.base, self.spec, self.patch_size = base, spec, patch_size
-        self.passes, self.augment, self.seed = passes, augment, seed
-        self.resize = ResizePair(image_size)
-        self.augmentation = MemoryAugmentation(image_size) if augment else None
+        self.passes, self.augment, self.seed, self.preprocessing = passes, augment, seed, preprocessing
+        self.resize = _resize_pair(image_size, preprocessing)
+        self.augmentation = MemoryAugmentation(image_size, preprocessing) if augment else None
 
     def __len__(self) -> int:
         return self.passes * len(self.base)
@@ -167,12 +184,12 @@ def _extract_items(backbone: PatchFeatureExtractor, dataset: _PassesDataset, ite
     return np.concatenate(feats), np.concatenate(counts), np.concatenate(masks)
 
 
-def _split_dataset(backbone, spec, root, split, image_size, passes, augment, seed, ids=None):
+def _split_dataset(backbone, spec, root, split, image_size, passes, augment, seed, ids=None, preprocessing="clean"):
     check_image_size(image_size, backbone.patch_size)
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
     base = segmentation_dataset(spec, root, split, transform=None, ids=ids)
-    return _PassesDataset(base, spec, image_size, backbone.patch_size, passes, augment, seed)
+    return _PassesDataset(base, spec, image_size, backbone.patch_size, passes, augment, seed, preprocessing)
 
 
 def _store_meta(spec, root, split, dataset: _PassesDataset, image_size: int, backbone) -> dict:
@@ -183,20 +200,22 @@ def _store_meta(spec, root, split, dataset: _PassesDataset, image_size: int, bac
         "embed_dim": backbone.embed_dim, "num_classes": spec.num_classes,
         "ignore_index": spec.ignore_index, "class_names": list(spec.class_names),
         "passes": dataset.passes, "augment": dataset.augment, "augment_seed": dataset.seed,
-        "num_images": len(dataset.base),
+        "num_images": len(dataset.base), "preprocessing": dataset.preprocessing,
     }
 
 
 def extract_split(backbone: PatchFeatureExtractor, spec: DatasetSpec, root: str | Path, split: str,
                   image_size: int, batch_size: int = 32, device: str | torch.device = "cpu",
                   num_workers: int = 0, ids: list[str] | None = None, progress: bool = True,
-                  passes: int = 1, augment: bool = False, seed: int = 0) -> FeatureStore:
+                  passes: int = 1, augment: bool = False, seed: int = 0,
+                  preprocessing: str = "clean") -> FeatureStore:
     """Patch features, per-patch label counts and resized masks of every image of a split, in memory.
 
     With ``passes > 1`` (and ``augment``) the split is traversed several times, each image augmented
-    anew; rows are pass-major (pass ``p``, image ``i`` at ``p * I + i``).
+    anew; rows are pass-major (pass ``p``, image ``i`` at ``p * I + i``). ``preprocessing``: a key of
+    ``PREPROCESSING`` (``open-hbird`` for ``cribo eval incontext --protocol open-hbird``).
     """
-    dataset = _split_dataset(backbone, spec, root, split, image_size, passes, augment, seed, ids)
+    dataset = _split_dataset(backbone, spec, root, split, image_size, passes, augment, seed, ids, preprocessing)
     backbone = backbone.to(device).eval()
     with tqdm(total=len(dataset), desc=f"extract {spec.name}/{split}", disable=not progress, file=sys.stdout,
               mininterval=5, unit="img") as bar:
@@ -209,7 +228,7 @@ def extract_to_disk(backbone: PatchFeatureExtractor, spec: DatasetSpec, root: st
                     image_size: int, out_dir: str | Path, *, batch_size: int = 32,
                     device: str | torch.device = "cpu", num_workers: int = 0, passes: int = 1,
                     augment: bool = False, seed: int = 0, shard_images: int = 2048, progress: bool = True,
-                    extra_meta: dict | None = None) -> Path:
+                    extra_meta: dict | None = None, preprocessing: str = "clean") -> Path:
     """Like :func:`extract_split`, written to ``out_dir`` shard by shard and resumable.
 
     Shards of ``shard_images`` images go to ``<out_dir>.partial/`` as they complete (each written
@@ -217,7 +236,8 @@ def extract_to_disk(backbone: PatchFeatureExtractor, spec: DatasetSpec, root: st
     are assembled into the store (memory-mapped, never all in RAM) and renamed to ``out_dir``.
     """
     out_dir = Path(out_dir)
-    dataset = _split_dataset(backbone, spec, root, split, image_size, passes, augment, seed)
+    dataset = _split_dataset(backbone, spec, root, split, image_size, passes, augment, seed,
+                             preprocessing=preprocessing)
     backbone = backbone.to(device).eval()
     meta = {**_store_meta(spec, root, split, dataset, image_size, backbone), **(extra_meta or {})}
     shard_images = max(batch_size, shard_images // batch_size * batch_size)

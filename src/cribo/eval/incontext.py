@@ -19,6 +19,14 @@ confusion matrix) with three deliberate departures:
 - The headline mIoU uses the identity label mapping (a class id is a class id); the Hungarian-
   matched mIoU that open-hummingbird-eval reports by default is returned alongside.
 
+``protocol="open-hbird"`` undoes the three departures, for numbers comparable with those published
+through open-hummingbird-eval (NeCo, its README): ignored pixels count as class 0 in the memory's
+soft labels (``ignored_as_class_zero``), and the reported ``miou`` is Hungarian-matched and
+averaged over all classes, absent ones counting 0 (``metrics.miou_over_all_classes``); its input
+preprocessing (std 0.255, bilinear resizing) is a property of the feature stores
+(``features.PREPROCESSING``). A budget above the patches of an image is still capped (there it
+fails).
+
 Shapes: I = memory images (or augmented passes), V = validation images, N = h * w patch tokens in
 row-major grid order, D = feature width, C = classes, M = memory entries, Q = queries.
 """
@@ -33,12 +41,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cribo.eval.metrics import ConfusionMeter
+from cribo.eval.metrics import ConfusionMeter, miou_over_all_classes
 from cribo.eval.search import make_searcher
 
 log = logging.getLogger(__name__)
 
 NORM_EPS = 1e-6
+PROTOCOLS = ("clean", "open-hbird")
 _CHUNK_IMAGES = 64  # images per chunk when building the memory (bounds the I x N x C temporaries)
 
 
@@ -92,6 +101,24 @@ def patch_label_counts(masks, patch_size: int, num_classes: int, ignore_index: i
     slot = np.arange(b * gh * gw, dtype=np.int64).reshape(b, gh * gw, 1) * num_classes + labels
     counts = np.bincount(slot[valid], minlength=b * gh * gw * num_classes)
     return counts.reshape(b, gh * gw, num_classes).astype(np.uint16)
+
+
+def ignored_as_class_zero(label_counts: np.ndarray, patch_pixels: int) -> np.ndarray:
+    """open-hummingbird-eval's memory labels: every ignored pixel of a patch counted as class 0.
+
+    Args:
+        label_counts: ``I x N x C`` pixel counts per class (ignored pixels not counted).
+        patch_pixels: pixels per patch (``p * p``).
+
+    Returns:
+        ``I x N x C`` counts (same dtype) whose rows all sum to ``patch_pixels``.
+    """
+    counts = np.array(label_counts, copy=True)
+    ignored = patch_pixels - counts.sum(axis=-1, dtype=np.int64)
+    if (ignored < 0).any():
+        raise ValueError(f"label counts exceed the {patch_pixels} pixels of a patch: wrong patch size?")
+    counts[..., 0] += ignored.astype(counts.dtype)
+    return counts
 
 
 def rarity_scores(label_counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -282,7 +309,7 @@ def predict_label_maps(soft_labels, out_size: tuple[int, int], max_elements: int
 def evaluate_incontext(train_features, train_label_counts, val_features, val_masks, grid: tuple[int, int],
                        num_classes: int, *, k: int = 30, temperature: float = 0.02, memory_size: int | None = None,
                        seed: int = 0, ignore_index: int = 255, batch_images: int = 64,
-                       index_kind: str = "exact", progress: bool = False) -> dict:
+                       index_kind: str = "exact", progress: bool = False, protocol: str = "clean") -> dict:
     """Dense NN retrieval mIoU of a validation set against a labelled memory.
 
     Args:
@@ -296,9 +323,12 @@ def evaluate_incontext(train_features, train_label_counts, val_features, val_mas
         index_kind: ``exact`` or ``ivfpq`` (approximate; see :mod:`cribo.eval.search`). The exact
             search runs on the GPU when torch sees one.
         progress: tqdm bar over the chunks.
+        protocol: ``clean`` (default) or ``open-hbird`` (module doc): the memory labels and the
+            reported ``miou`` then follow open-hummingbird-eval; ``miou_identity`` keeps ours.
 
     Returns:
-        ``{"miou": identity-mapped mIoU %, "miou_hungarian": Hungarian-matched mIoU %,
+        ``{"miou": identity-mapped mIoU % (open-hbird: its Hungarian all-class mean),
+        "miou_hungarian": Hungarian-matched mIoU %,
         "per_class_iou": identity per-class IoU % (None: class absent), "pixel_accuracy": %,
         "memory_entries": M, "per_image_budget": K or None, "k", "temperature"}``.
     """
@@ -312,6 +342,11 @@ def evaluate_incontext(train_features, train_label_counts, val_features, val_mas
         raise ValueError(f"label counts have {train_label_counts.shape[2]} classes, expected {num_classes}")
     if val_masks.shape[0] != val_features.shape[0]:
         raise ValueError(f"{val_masks.shape[0]} val masks for {val_features.shape[0]} val feature maps")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if protocol == "open-hbird":
+        patch_pixels = (val_masks.shape[1] // h) * (val_masks.shape[2] // w)
+        train_label_counts = ignored_as_class_zero(train_label_counts, patch_pixels)
     rng = np.random.default_rng(seed)
     mem_feats, mem_labels = select_memory(train_features, train_label_counts, memory_size, rng)
     budget = None if memory_size is None else min(memory_size // num_train, num_patches)
@@ -328,8 +363,10 @@ def evaluate_incontext(train_features, train_label_counts, val_features, val_mas
         pred = predict_label_maps(soft.reshape(len(feats), h, w, num_classes), masks.shape[1:])
         meter.update(pred, masks)
     identity, hungarian = meter.compute("identity"), meter.compute("hungarian")
+    reported = identity["miou"] if protocol == "clean" else miou_over_all_classes(meter.matrix, "hungarian")
     return {
-        "miou": identity["miou"], "miou_hungarian": hungarian["miou"],
+        "miou": reported, "miou_hungarian": hungarian["miou"], "miou_identity": identity["miou"],
+        "incontext_protocol": protocol,
         "per_class_iou": identity["per_class_iou"], "pixel_accuracy": identity["pixel_accuracy"],
         "memory_entries": int(num_entries), "per_image_budget": budget,
         "k": k, "temperature": temperature,

@@ -123,6 +123,14 @@ def miou_from_confusion(conf: np.ndarray, matching: str = "identity", exclude: I
     }
 
 
+def miou_over_all_classes(conf: np.ndarray, matching: str = "hungarian") -> float:
+    """open-hummingbird-eval's reported mIoU (percent): IoU per class after ``matching``, averaged
+    over all C classes, a class with an empty union (or no ground truth, like ADE20K's ignored
+    "other") counting 0 instead of being left out."""
+    per_class = miou_from_confusion(conf, matching)["per_class_iou"]
+    return float(np.mean([iou or 0.0 for iou in per_class]))
+
+
 class ConfusionMeter:
     """Streams a confusion matrix over batches: ``update(pred, target)`` any number of times, then
     ``compute(matching)``. If ``ignore_index`` is itself a class id (``0 <= ignore_index < C``), that

@@ -26,6 +26,14 @@ KEY = ["method", "arch", "patch_size", "pretrain", "dataset"]
 SETTINGS = {"incontext": ["fraction"], "linear": ["protocol"], "finetune": ["decoder"], "overcluster": ["clusters"]}
 PROTOCOLS = tuple(SETTINGS)
 _REQUIRED = {"method", "arch", "patch_size", "pretrain", "dataset", "miou", "source"}
+CONFIDENCES = ("verified", "table", "figure")
+# The ``published`` section (every number of the research file, see tools/published_numbers.py)
+PUBLISHED_REQUIRED = {"ref", "label", "method", "arch", "patch_size", "pretrain", "epochs", "protocol", "evaluator",
+                      "dataset", "miou", "source", "where", "origin", "table"}
+ORIGINS = ("ORIG", "ORIG-repo", "B-pub", "B-repro", "B-copied", "R-NeCo", "L-DIP", "E-OH", "R-OH")
+EVALUATORS = ("cribo", "hummingbird", "open-hbird", "dip")
+PUBLISHED_TABLES = {"table1": "incontext", "table2": "linear", "table3": "finetune"}
+FRACTIONS = (1 / 128, 1 / 64, 1 / 8, 1.0)
 
 
 class PaperResultsError(ValueError):
@@ -43,11 +51,13 @@ def load_paper_results(path: str | Path) -> dict:
         raise PaperResultsError(f"{path}: expected a mapping with 'sources' and the protocols {', '.join(PROTOCOLS)}")
     sources = data["sources"]
     for name, source in sources.items():
-        if source.get("confidence") not in ("verified", "figure"):
-            raise PaperResultsError(f"{path}: sources.{name}.confidence must be 'verified' or 'figure'")
-    unknown = set(data) - {"sources", *PROTOCOLS}
+        if source.get("confidence") not in CONFIDENCES:
+            raise PaperResultsError(f"{path}: sources.{name}.confidence must be one of {', '.join(CONFIDENCES)}")
+    unknown = set(data) - {"sources", "published", *PROTOCOLS}
     if unknown:
-        raise PaperResultsError(f"{path}: unknown section(s) {sorted(unknown)}; allowed: sources, {', '.join(PROTOCOLS)}")
+        raise PaperResultsError(f"{path}: unknown section(s) {sorted(unknown)}; allowed: sources, published, "
+                                f"{', '.join(PROTOCOLS)}")
+    data["published"] = _check_published(path, data.get("published") or [], sources)
     for protocol in PROTOCOLS:
         entries = data.get(protocol) or []
         data[protocol] = entries
@@ -63,9 +73,45 @@ def load_paper_results(path: str | Path) -> dict:
     return data
 
 
+def _check_published(path: Path, entries: list, sources: dict) -> list[dict]:
+    """Every published number names its row in the research file, its source and origin, and a
+    setting the paper-shaped tables can place; a slip is reported with the entry's ``ref``."""
+    from cribo.data.registry import known_datasets
+
+    datasets = known_datasets()
+    seen = set()
+    for i, entry in enumerate(entries):
+        where = f"{path}: published[{i}]" + (f" (ref {entry.get('ref')})" if isinstance(entry, dict) else "")
+        if not isinstance(entry, dict):
+            raise PaperResultsError(f"{where}: expected a mapping")
+        missing = sorted(PUBLISHED_REQUIRED - set(entry))
+        if missing:
+            raise PaperResultsError(f"{where} lacks {', '.join(missing)}")
+        if entry["ref"] in seen:
+            raise PaperResultsError(f"{where}: ref {entry['ref']} appears twice")
+        seen.add(entry["ref"])
+        checks = [("source", entry["source"] in sources, "a key under 'sources'"),
+                  ("origin", entry["origin"] in ORIGINS, f"one of {', '.join(ORIGINS)}"),
+                  ("evaluator", entry["evaluator"] in EVALUATORS, f"one of {', '.join(EVALUATORS)}"),
+                  ("dataset", entry["dataset"] in datasets, f"a registered dataset ({', '.join(datasets)})"),
+                  ("table", PUBLISHED_TABLES.get(entry["table"]) == entry["protocol"],
+                   "table1 (incontext), table2 (linear) or table3 (finetune), agreeing with 'protocol'"),
+                  ("miou", isinstance(entry["miou"], (int, float)) and 0 <= entry["miou"] <= 100,
+                   "a number in [0, 100]")]
+        if entry["protocol"] == "incontext":
+            fraction = entry.get("fraction")
+            checks.append(("fraction", isinstance(fraction, (int, float))
+                           and any(abs(fraction - f) < 1e-9 for f in FRACTIONS), "one of 1/128, 1/64, 1/8, 1"))
+        for key, ok, expected in checks:
+            if not ok:
+                raise PaperResultsError(f"{where}: {key} {entry[key] if key in entry else None!r} must be {expected}")
+    return entries
+
+
 def _our_setting(protocol: str, row: dict) -> dict:
-    if protocol == "incontext":
-        return {"fraction": float(row["fraction"]), "memory_size": row.get("memory_size")}
+    if protocol == "incontext":  # the protocol variant rides with the memory size: both change the number
+        return {"fraction": float(row["fraction"]), "memory_size": row.get("memory_size"),
+                "incontext_protocol": row.get("incontext_protocol") or "clean"}
     if protocol == "linear":
         return {"protocol": row.get("protocol_name")}
     if protocol == "finetune":
@@ -86,7 +132,8 @@ def our_results(rows: list[dict], protocol: str) -> pd.DataFrame:
                         "miou": float(row["miou"]),
                         "spread": float(row["miou_std"]) if protocol == "overcluster" else np.nan,
                         "n": len(row.get("seeds") or [0]) if protocol == "overcluster" else 1})
-    columns = ["experiment", "run_name", *KEY, *SETTINGS[protocol]] + (["memory_size"] if protocol == "incontext" else [])
+    columns = ["experiment", "run_name", *KEY, *SETTINGS[protocol]] + (
+        ["memory_size", "incontext_protocol"] if protocol == "incontext" else [])
     if not records:
         return pd.DataFrame(columns=columns + ["ours", "ours_std", "seeds"])
     frame = pd.DataFrame(records)
@@ -120,7 +167,7 @@ def paper_table(rows: list[dict], paper: dict, protocol: str, all_paper: bool = 
     ours = our_results(rows, protocol)
     entries = paper.get(protocol) or []
     sources = paper["sources"]
-    settings = SETTINGS[protocol] + (["memory_size"] if protocol == "incontext" else [])
+    settings = SETTINGS[protocol] + (["memory_size", "incontext_protocol"] if protocol == "incontext" else [])
     lines, used = [], set()
     for record in ours.to_dict("records"):
         matched = [i for i, e in enumerate(entries) if _matches(e, record, protocol)]

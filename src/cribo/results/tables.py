@@ -18,7 +18,7 @@ import pandas as pd
 
 from cribo.config import atomic_write_text
 
-GROUP_COLUMNS = ["experiment", "run_name", "run_id", "method", "arch", "dataset", "fraction"]
+GROUP_COLUMNS = ["experiment", "run_name", "run_id", "method", "arch", "dataset", "incontext_protocol", "fraction"]
 
 
 class RowError(ValueError):
@@ -47,7 +47,7 @@ def read_rows(paths: list[str | Path]) -> list[dict]:
 
 
 def build_incontext_table(rows: list[dict]) -> pd.DataFrame:
-    """One line per (experiment, run, dataset, fraction): mean and std of mIoU over seeds."""
+    """One line per (experiment, run, dataset, protocol, fraction): mean and std of mIoU over seeds."""
     rows = [r for r in rows if r.get("protocol") == "incontext"]
     if not rows:
         raise RowError("no in-context rows (protocol 'incontext') among the given rows")
@@ -55,6 +55,7 @@ def build_incontext_table(rows: list[dict]) -> pd.DataFrame:
     for col in GROUP_COLUMNS:
         if col not in frame:
             frame[col] = None
+    frame["incontext_protocol"] = frame["incontext_protocol"].fillna("clean")  # rows from before the choice
     frame[GROUP_COLUMNS] = frame[GROUP_COLUMNS].fillna("-")
     grouped = frame.groupby(GROUP_COLUMNS, sort=True)
     table = grouped.agg(
@@ -149,7 +150,8 @@ def run_metrics(rows: list[dict]) -> pd.DataFrame:
     for r in rows:
         protocol = r.get("protocol")
         if protocol == "incontext":
-            metric = f"incontext {r['dataset']} f={r['fraction']:g}"
+            variant = r.get("incontext_protocol") or "clean"
+            metric = f"incontext {r['dataset']} f={r['fraction']:g}" + ("" if variant == "clean" else f" {variant}")
         elif protocol == "overcluster":
             metric = f"overcluster {r['dataset']} K={'classes' if r.get('matching') == 'hungarian' else r['clusters']}"
         elif protocol == "linear":
@@ -203,7 +205,8 @@ def write_tables(row_paths: list[str | Path], out_dir: str | Path, ablation_base
     atomic_write_text(md_path, to_markdown(table))
     metrics: dict = {}
     for r in table.itertuples(index=False):  # nested, so `dvc metrics show` flattens it readably
-        metrics.setdefault(r.experiment, {}).setdefault(r.run_name, {})[f"{r.dataset}_f{r.fraction}"] = r.miou
+        suffix = "" if r.incontext_protocol == "clean" else f"_{r.incontext_protocol}"
+        metrics.setdefault(r.experiment, {}).setdefault(r.run_name, {})[f"{r.dataset}_f{r.fraction}{suffix}"] = r.miou
     metrics = {"incontext_miou": metrics}
     for r in linear.itertuples(index=False):
         metrics.setdefault("linear_miou", {}).setdefault(r.experiment, {}).setdefault(
@@ -220,7 +223,13 @@ def write_tables(row_paths: list[str | Path], out_dir: str | Path, ablation_base
     if paper is not None:
         from cribo.results.paper import write_paper_tables
 
+        from cribo.results.paper import load_paper_results
+        from cribo.results.paper_figure import draw_cribo_tables
+        from cribo.results.paper_tables import write_cribo_tables
+
         write_paper_tables(rows, paper, out_dir)
+        write_cribo_tables(rows, load_paper_results(paper), out_dir)
+        draw_cribo_tables(rows, load_paper_results(paper), out_dir / "cribo_tables.png")
     atomic_write_text(metrics_path, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
     return {"csv": csv_path, "md": md_path, "metrics": metrics_path, "overcluster_csv": out_dir / "overcluster.csv",
             "overcluster_md": out_dir / "overcluster.md"}

@@ -1,7 +1,9 @@
 # The single entry point of the pipeline:
 #   download -> pretrain -> extract -> eval_incontext -> table (+ training curves, figures)
 # Run `snakemake --cores all` (embedded default), or `--configfile config/<other>.yaml`.
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
+
+from cribo.config import validate_workflow_config
 
 min_version("9.19")
 
@@ -9,7 +11,9 @@ min_version("9.19")
 configfile: "config/config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+# one line naming the key and the file that sets it (Snakemake's validate dumps the whole schema)
+validate_workflow_config(config, "workflow/schemas/config.schema.yaml",
+                         ["config/config.yaml", *map(str, workflow.overwrite_configfiles)])
 
 
 report: "workflow/report/workflow.rst"

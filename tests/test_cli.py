@@ -68,11 +68,13 @@ def test_dino_trains_two_epochs_and_resumes(tmp_path, tiny_voc):
     assert main(["train", "--config", str(cfg), "--output-dir", str(out)]) == 0
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [entry["epoch"] for entry in log] == [0]
-    # one more epoch: resumes from epoch 1 instead of starting over
-    assert main(["train", "--config", str(cfg), "--output-dir", str(out), "--set", "optim.epochs=2"]) == 0
-    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
-    assert [entry["epoch"] for entry in log] == [0, 1]
     assert all(entry["loss"] == entry["loss"] for entry in log)  # finite, not NaN
+    # the same command again resumes the finished run instead of starting over: nothing left to train
+    assert main(["train", "--config", str(cfg), "--output-dir", str(out)]) == 0
+    assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0]
+    # more epochs change the schedules, hence the run id: not a continuation of this checkpoint (issue 18)
+    assert main(["train", "--config", str(cfg), "--output-dir", str(out), "--set", "optim.epochs=2"]) == 2
+    assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0]
 
 
 def test_config_typo_unknown_dataset_and_corrupt_image_exit_2(tmp_path, tiny_voc, capsys):

@@ -18,12 +18,23 @@ import numpy as np
 EXIT_USAGE = 2
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts and sizes: a 0 would only fail later, as a ZeroDivisionError."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def _add_common_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="dataset name, e.g. toyscenes or voc (`cribo data list`)")
     p.add_argument("--data-root", required=True, help="folder of the dataset in the Pascal VOC layout")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image-size", type=positive_int, default=None,
                    help="evaluation resolution (square); default: the checkpoint's training crop size")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the backbone runs")
     p.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default 0)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -35,13 +46,13 @@ def _add_common_eval(p: argparse.ArgumentParser) -> None:
 def _add_dense_args(p: argparse.ArgumentParser, *, optimizer: str, weight_decay: float, iterations: int) -> None:
     """Options of the iteration-based mmseg-style protocols (mmseg linear probe and fine-tuning)."""
     g = p.add_argument_group("mmseg-style training (linear --protocol mmseg, finetune)")
-    g.add_argument("--iterations", type=int, default=iterations,
+    g.add_argument("--iterations", type=positive_int, default=iterations,
                    help=f"training iterations (default {iterations}: VOC; 160000 for ADE20K and COCO-Stuff)")
     g.add_argument("--optimizer", default=optimizer, choices=["adam", "adamw", "sgd"], help=f"default {optimizer}")
     g.add_argument("--weight-decay", type=float, default=weight_decay, help=f"default {weight_decay}")
     g.add_argument("--min-lr", type=float, default=None, help="floor of the poly schedule (default lr / 10)")
-    g.add_argument("--crop", type=int, default=512, help="training crop and sliding window side (default 512)")
-    g.add_argument("--stride", type=int, default=480, help="sliding-window stride (default 480)")
+    g.add_argument("--crop", type=positive_int, default=512, help="training crop and sliding window side (default 512)")
+    g.add_argument("--stride", type=positive_int, default=480, help="sliding-window stride (default 480)")
     g.add_argument("--scale", type=int, nargs=2, default=[2048, 512], metavar=("LONG", "SHORT"),
                    help="resize bound (long, short) of the test images and, times 0.5-2, of the training images")
     g.add_argument("--normalisation", default="imagenet", choices=["imagenet", "half"],
@@ -65,11 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     toy = data_sub.add_parser("toyscenes", help="generate the embedded toy scene dataset (VOC + COCO layouts)")
     toy.add_argument("--out", required=True, help="output folder (created atomically)")
-    toy.add_argument("--num-train", type=int, default=2000, help="training images (default 2000)")
-    toy.add_argument("--num-val", type=int, default=200, help="validation images (default 200)")
-    toy.add_argument("--image-size", type=int, default=112, help="image side in pixels (default 112)")
+    toy.add_argument("--num-train", type=positive_int, default=2000, help="training images (default 2000)")
+    toy.add_argument("--num-val", type=positive_int, default=200, help="validation images (default 200)")
+    toy.add_argument("--image-size", type=positive_int, default=112, help="image side in pixels (default 112)")
     toy.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    toy.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    toy.add_argument("--workers", type=positive_int, default=2, help="worker processes (default 2)")
     data_sub.add_parser("list", help="list the known dataset names")
     dl = data_sub.add_parser("download", help="download, verify and extract the archives of a dataset")
     dl.add_argument("name", help="dataset (voc, ade20k, coco, coco-stuff15, coco-things12, coco-stuff171) or archive name")
@@ -83,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("name", help="voc, ade20k, coco, coco-stuff15, coco-things12 or coco-stuff171")
     pp.add_argument("--raw", default="resources/raw", help="folder holding RAW/<archive>/ (default resources/raw)")
     pp.add_argument("--out", required=True, help="prepared dataset folder (completion marker .prepared.json)")
-    pp.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    pp.add_argument("--workers", type=positive_int, default=1, help="worker processes (default 1)")
     pp.add_argument("--force", action="store_true", help="redo even if the completion marker exists")
     pp.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ck = data_sub.add_parser("check", help="check a user-provided dataset tree (imagenet, cityscapes)")
@@ -187,14 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ours (`cribo train`/`cribo export`), an official CrIBo/DINO checkpoint, or ViT weights (see --timm-model)")
     ex.add_argument("--split", required=True, help="split list name, e.g. train, trainaug or val")
     ex.add_argument("--out", required=True, help="output folder (feature store)")
-    ex.add_argument("--passes", type=int, default=1,
+    ex.add_argument("--passes", type=positive_int, default=1,
                     help="passes over the split (the in-context memory protocol uses 2 augmented passes)")
     ex.add_argument("--augment", action="store_true",
                     help="augment each pass (colour jitter + random resized crop, seeded per image and pass)")
     ex.add_argument("--protocol", dest="preprocessing", default="clean", choices=["clean", "open-hbird"],
                     help="input preprocessing: clean (bicubic resize, ImageNet std; default) or open-hbird "
                          "(bilinear resize, open-hummingbird-eval's std 0.255), for `eval incontext --protocol`")
-    ex.add_argument("--shard-images", type=int, default=2048,
+    ex.add_argument("--shard-images", type=positive_int, default=2048,
                     help="images per resumable shard (default 2048)")
     _add_common_eval(ex)
 
@@ -210,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="feature store of the memory split from `cribo extract` (else extracted now)")
     ic.add_argument("--val-features", default=None,
                     help="feature store of the query split from `cribo extract` (else extracted now)")
-    ic.add_argument("--k", type=int, default=30, help="neighbours per query patch (default 30)")
+    ic.add_argument("--k", type=positive_int, default=30, help="neighbours per query patch (default 30)")
     ic.add_argument("--temperature", type=float, default=0.02,
                     help="softmax temperature over neighbour similarities (default 0.02)")
     ic.add_argument("--memory-size", type=int, default=None,
@@ -243,10 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="leopart: 448 px, 1x1 conv, logits at 100x100, SGD lr 0.01, 25 epochs, drop at 20; "
                          "mmseg: 512 crops of random resizes 0.5-2, 1x1 conv, Adam + poly lr, iterations, "
                          "sliding-window inference 512/480 scored at the original resolution")
-    li.add_argument("--epochs", type=int, default=25, help="[leopart] training epochs (default 25)")
+    li.add_argument("--epochs", type=positive_int, default=25, help="[leopart] training epochs (default 25)")
     li.add_argument("--drop-at", type=int, default=20, help="[leopart] epoch at which the lr is divided by 10 (default 20)")
     li.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01, both protocols)")
-    li.add_argument("--mask-size", type=int, default=100, help="[leopart] side of the logits and scored masks (default 100)")
+    li.add_argument("--mask-size", type=positive_int, default=100, help="[leopart] side of the logits and scored masks (default 100)")
     li.add_argument("--seed", type=int, default=400, help="seed of the head and the data order (default 400)")
     _add_dense_args(li, optimizer="adam", weight_decay=0.01, iterations=80000)
     li.add_argument("--out", required=True, help="output JSON row")
@@ -262,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--layer-decay", type=float, default=1.0,
                     help="layer-wise lr decay over the backbone blocks (default 1.0 = off; 0.65 is iBOT's)")
     ft.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the backbone (default 0.1)")
-    ft.add_argument("--decoder-layers", type=int, default=2, help="mask transformer layers (default 2)")
+    ft.add_argument("--decoder-layers", type=positive_int, default=2, help="mask transformer layers (default 2)")
     ft.add_argument("--seed", type=int, default=0, help="seed of the decoder and the data order (default 0)")
     _add_dense_args(ft, optimizer="adam", weight_decay=0.0, iterations=80000)
     ft.add_argument("--out", required=True, help="output JSON row")
@@ -276,10 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     oc.add_argument("--clusters", required=True, nargs="+",
                     help="K: an integer >= the number of classes, or 'classes' (K = number of classes, Hungarian); "
                          "several values share one load of the store, --out then holds '{clusters}'")
-    oc.add_argument("--seeds", type=int, default=5, help="k-means seeds 0..S-1, results averaged (default 5)")
-    oc.add_argument("--pca-dim", type=int, default=50, help="PCA dimensions after standardisation (default 50)")
-    oc.add_argument("--iterations", type=int, default=100, help="k-means iterations (default 100)")
-    oc.add_argument("--restarts", type=int, default=5, help="k-means restarts, best objective kept (default 5)")
+    oc.add_argument("--seeds", type=positive_int, default=5, help="k-means seeds 0..S-1, results averaged (default 5)")
+    oc.add_argument("--pca-dim", type=positive_int, default=50, help="PCA dimensions after standardisation (default 50)")
+    oc.add_argument("--iterations", type=positive_int, default=100, help="k-means iterations (default 100)")
+    oc.add_argument("--restarts", type=positive_int, default=5, help="k-means restarts, best objective kept (default 5)")
     oc.add_argument("--out", required=True, help="output JSON row ('{clusters}' in it is replaced by each K)")
     oc.add_argument("--experiment", default=None, help="experiment name recorded in the row")
     oc.add_argument("--run-name", default=None, help="run name recorded in the row")
@@ -290,9 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("--train-features", required=True, help="memory feature store (`cribo extract`)")
     fg.add_argument("--val-features", required=True, help="query feature store (`cribo extract`)")
     fg.add_argument("--out-dir", required=True, help="folder for incontext.png and objects.png")
-    fg.add_argument("--num-images", type=int, default=4, help="validation images shown (default 4)")
-    fg.add_argument("--memory-images", type=int, default=32, help="training images whose objects are matched (default 32)")
-    fg.add_argument("--k", type=int, default=30, help="neighbours of the in-context retrieval (default 30)")
+    fg.add_argument("--num-images", type=positive_int, default=4, help="validation images shown (default 4)")
+    fg.add_argument("--memory-images", type=positive_int, default=32, help="training images whose objects are matched (default 32)")
+    fg.add_argument("--k", type=positive_int, default=30, help="neighbours of the in-context retrieval (default 30)")
     fg.add_argument("--temperature", type=float, default=0.02, help="retrieval temperature (default 0.02)")
     _add_common_eval(fg)
 
@@ -412,8 +423,7 @@ def _record_in_provenance(path: Path, key: str, value: dict) -> None:
 def cmd_train(args) -> None:
     import os
 
-    from cribo.config import (ConfigError, apply_overrides, load_yaml, released_batch_note, resolve_runs, run_id,
-                              validate_run_config)
+    from cribo.config import ConfigError, load_yaml, released_batch_note, resolve_runs, run_id, validate_with_overrides
     from cribo.train.distributed import read_launch_env
     from cribo.train.engine import train
 
@@ -425,7 +435,7 @@ def cmd_train(args) -> None:
         raw = resolve_runs(raw, args.config)[args.run]
     elif args.run is not None:
         raise ConfigError(f"--run given but {args.config} has no 'runs' section")
-    cfg = validate_run_config(apply_overrides(raw, args.overrides), args.config)
+    cfg = validate_with_overrides(raw, args.overrides, args.config)
     launch = read_launch_env()
     if args.nproc_per_node > 1 and launch.launcher == "single":
         _relaunch_under_torchrun(args.nproc_per_node, args.argv)
@@ -518,19 +528,20 @@ def cmd_extract(args) -> None:
 
 
 def cmd_overcluster(args) -> None:
-    from cribo.eval.features import load_store
+    from cribo.eval.features import check_store_checkpoint, load_store
     from cribo.eval.overclustering import overcluster
     from cribo.eval.protocol import make_row, write_row
     from cribo.train.checkpoint import file_sha256, load_checkpoint
 
     outputs = _expand_out(args.out, "clusters", args.clusters)
+    ckpt = load_checkpoint(args.checkpoint)
+    checkpoint_sha256 = file_sha256(args.checkpoint)
     val = load_store(args.val_features)
+    check_store_checkpoint(val, args.val_features, args.checkpoint, checkpoint_sha256)
     num_classes = val.meta["num_classes"]
     for value in args.clusters:
         if not (value == "classes" or (value.isdigit() and int(value) >= num_classes)):
             raise ValueError(f"--clusters {value!r}: give 'classes' or an integer >= the {num_classes} classes")
-    ckpt = load_checkpoint(args.checkpoint)
-    checkpoint_sha256 = file_sha256(args.checkpoint)
     for value, out in zip(args.clusters, outputs):
         started = time.time()
         clusters = num_classes if value == "classes" else int(value)
@@ -640,7 +651,7 @@ def cmd_eval(args) -> None:
     if args.protocol == "finetune":
         return cmd_finetune(args)
     from cribo.data.registry import get_spec
-    from cribo.eval.features import extract_split, load_store
+    from cribo.eval.features import check_store_checkpoint, extract_split, load_store
     from cribo.eval.protocol import make_row, run_incontext, write_row
     from cribo.train.checkpoint import file_sha256, load_checkpoint
 
@@ -652,9 +663,14 @@ def cmd_eval(args) -> None:
         raise ValueError("--train-list names one memory: give one --fraction and one --seed with it")
     outputs = _expand_rows(args.out, settings)
     spec = get_spec(args.dataset, args.data_root)
+    sha256 = file_sha256(args.checkpoint) if Path(args.checkpoint).is_file() else None
+    if bool(args.train_features) != bool(args.val_features):
+        raise ValueError("give both --train-features and --val-features (or neither, to extract both now)")
     if args.train_features and args.val_features:
-        train_store, val_store = load_store(args.train_features), load_store(args.val_features)
         ckpt = load_checkpoint(args.checkpoint)
+        train_store, val_store = load_store(args.train_features), load_store(args.val_features)
+        check_store_checkpoint(train_store, args.train_features, args.checkpoint, sha256, "--train-features")
+        check_store_checkpoint(val_store, args.val_features, args.checkpoint, sha256, "--val-features")
     else:
         backbone, ckpt, device, size = _load_eval_backbone(args)
         extract = lambda split: extract_split(backbone, spec, args.data_root, split, size,  # noqa: E731
@@ -667,7 +683,6 @@ def cmd_eval(args) -> None:
             raise ValueError(f"feature store of dataset {store.meta['dataset']!r} given for --dataset {spec.name}")
     from cribo.eval.subsets import find_list_file, read_id_list
 
-    checkpoint_sha256 = file_sha256(args.checkpoint)
     for (fraction, seed), out in zip(settings, outputs):
         list_file = args.train_list or (find_list_file(args.list_dir, fraction, seed) if args.list_dir else None)
         result = run_incontext(train_store, val_store, fraction=fraction, seed=seed, k=args.k,
@@ -677,7 +692,7 @@ def cmd_eval(args) -> None:
         if list_file:
             result["train_list"] = str(list_file)
         row = make_row("incontext", result, checkpoint=args.checkpoint,
-                       checkpoint_sha256=checkpoint_sha256, checkpoint_cfg=ckpt.get("config"),
+                       checkpoint_sha256=sha256, checkpoint_cfg=ckpt.get("config"),
                        dataset=spec.name, split=val_store.meta["split"],
                        class_names=val_store.meta.get("class_names") or list(spec.class_names),
                        experiment=args.experiment, run_name=args.run_name, started=started)
@@ -694,11 +709,16 @@ def cmd_figures(args) -> None:
     from cribo.data.registry import get_spec
     from cribo.data.segmentation import ResizePair, segmentation_dataset
     from cribo.eval import figures
-    from cribo.eval.features import load_store
+    from cribo.eval.features import check_store_checkpoint, load_store
     from cribo.models.backbones import ViTPatchFeatures
+    from cribo.train.checkpoint import file_sha256, load_checkpoint
 
     spec = get_spec(args.dataset, args.data_root)
+    load_checkpoint(args.checkpoint)  # a missing or unreadable checkpoint is reported before any figure
+    sha256 = file_sha256(args.checkpoint)
     train, val = load_store(args.train_features), load_store(args.val_features)
+    check_store_checkpoint(train, args.train_features, args.checkpoint, sha256, "--train-features")
+    check_store_checkpoint(val, args.val_features, args.checkpoint, sha256, "--val-features")
     size = val.meta["image_size"]
     out_dir = Path(args.out_dir)
     shown = list(range(min(args.num_images, val.features.shape[0])))
@@ -787,6 +807,50 @@ COMMANDS = {"data": cmd_data, "config": cmd_config, "train": cmd_train, "import-
             "eval": cmd_eval, "table": cmd_table, "orl": cmd_orl, "curves": cmd_curves, "figures": cmd_figures}
 
 
+def output_locations(args) -> list[tuple[str, str, str]]:
+    """The (option, path, kind) of everything a command will write; checked before it starts."""
+    command = args.command
+    if command == "data":
+        if args.data_command == "download":
+            return [("--downloads", args.downloads, "dir"), ("--raw", args.raw, "dir")]
+        if args.data_command in ("toyscenes", "prepare"):
+            return [("--out", args.out, "dir")]
+        if args.data_command == "check":
+            return [("--out", args.out, "file")]
+        return []
+    if command == "config":
+        return [("--out", args.out, "file")] if args.config_command == "resolve" else []
+    if command in ("train", "import-baseline"):
+        return [("--output-dir", args.output_dir, "dir"), ("--summary", args.summary, "file")]
+    if command == "fetch-checkpoint":
+        return [("--downloads", args.downloads, "dir")]
+    if command == "orl":  # every step writes one file; merge also its summary and figure
+        return [("--out", args.out, "file"), ("--summary", getattr(args, "summary", None), "file"),
+                ("--figure", getattr(args, "figure", None), "file")]
+    if command in ("export", "eval", "curves"):
+        found = [("--out", args.out, "file")]
+        return found + [("--png", args.png, "file")] if command == "curves" else found
+    if command in ("extract", "table"):
+        return [("--out", args.out, "dir")]
+    if command == "figures":
+        return [("--out-dir", args.out_dir, "dir")]
+    return []
+
+
+def user_message(err: BaseException) -> str:
+    """The one line a user reads: the error's own message, even when a DataLoader worker raised it.
+
+    torch re-raises a worker's exception with the worker's whole traceback as its text; the
+    message that names the file is its last line, after the exception's class name.
+    """
+    message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+    if "DataLoader worker process" in message and "Traceback" in message:
+        last = [line for line in message.strip().splitlines() if line.strip()][-1]
+        name, sep, text = last.partition(": ")
+        message = text if sep and name.replace(".", "").replace("_", "").isalnum() else last
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -799,14 +863,20 @@ def main(argv: list[str] | None = None) -> int:
     from cribo.results.tables import RowError
     from cribo.train.checkpoint import CheckpointLoadError
 
+    from cribo.outputs import check_output_location
+
+    # PermissionError and friends remain possible (a disk that fills up, a race with another
+    # process); their text names the path, which is the best that can be said then
     user_errors = (ConfigError, UnknownDatasetError, DataError, RowError, CheckpointLoadError,
-                   FileNotFoundError, FileExistsError, KeyError, ValueError, DownloadError, PaperResultsError,
-                   CatalogueError)
+                   FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError,
+                   KeyError, ValueError, DownloadError, PaperResultsError, CatalogueError)
     try:
+        for option, path, kind in output_locations(args):
+            if path:
+                check_output_location(path, option, kind)
         COMMANDS[args.command](args)
     except user_errors as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {user_message(err)}", file=sys.stderr)
         return EXIT_USAGE
     return 0
 

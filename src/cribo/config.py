@@ -137,6 +137,81 @@ def released_batch_note(cfg: dict, world_size: int, overridden: bool = False) ->
     }
 
 
+def check_geometry(cfg: dict, source: str = "config") -> None:
+    """Relations between keys of a run to be trained that the schema cannot express; raise
+    :class:`ConfigError` naming them (called for every run the workflow or ``cribo train`` trains).
+
+    Without these checks the run fails later with an AssertionError deep inside timm, or (for
+    ``cribo.num_clusters``) only at the first training step, after the outputs were written.
+    """
+    from cribo.models.archs import ARCHS
+
+    model = cfg["model"]
+    if model["arch"] not in ARCHS and cfg["method"] != "pixels":  # a ResNet: no patches, no heads
+        return
+    patch, size = model["patch_size"], model["img_size"]
+    if size % patch:
+        raise ConfigError(f"{source}: model.img_size {size} is not a multiple of model.patch_size {patch}; "
+                          f"use e.g. model.img_size={max(patch, size // patch * patch)}")
+    if cfg["method"] == "pixels":
+        return
+    width = model.get("embed_dim") or ARCHS[model["arch"]]["embed_dim"]
+    heads = model.get("num_heads") or ARCHS[model["arch"]]["num_heads"]
+    if width % heads:
+        raise ConfigError(f"{source}: model.embed_dim {width} is not divisible by model.num_heads {heads} "
+                          f"(model.arch {model['arch']} gives the values not set); change one of them, "
+                          f"e.g. model.num_heads={next(h for h in range(heads, 0, -1) if width % h == 0)}")
+    dino = cfg.get("dino") or {}
+    if cfg["method"] == "dino" and dino.get("local_crops_number") and dino["local_crop_size"] % patch:
+        raise ConfigError(f"{source}: dino.local_crop_size {dino['local_crop_size']} is not a multiple of "
+                          f"model.patch_size {patch}; use e.g. dino.local_crop_size="
+                          f"{max(patch, dino['local_crop_size'] // patch * patch)}")
+    tokens = (size // patch) ** 2
+    if cfg["method"] == "cribo" and cfg["cribo"]["num_clusters"] > tokens:
+        raise ConfigError(f"{source}: cribo.num_clusters {cfg['cribo']['num_clusters']} is larger than the "
+                          f"{tokens} patch tokens of a view (model.img_size {size} / model.patch_size {patch} "
+                          f"squared); lower cribo.num_clusters to at most {tokens} or raise model.img_size")
+
+
+def validate_workflow_config(config: dict, schema_path: str | os.PathLike, sources: list[str]) -> None:
+    """Validate the merged workflow config in place (schema defaults filled in), as Snakemake's
+    ``validate`` does, but fail with one line naming the key, the file that holds it and the fix.
+
+    ``sources`` are the config files in the order they were merged (the last wins); the error
+    names the last one that sets the offending key, since that is where its value came from.
+    Snakemake's own ``validate`` prints the whole schema after the error, which buries the cause.
+    """
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    validator = _fill_defaults_validator()(schema)
+    for _ in range(2):  # a second pass checks defaults filled inside defaults
+        errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+        if errors:
+            err = errors[0]
+            path = list(err.absolute_path)
+            if err.validator == "additionalProperties":
+                path += sorted(set(err.instance) - set(err.schema.get("properties", {})))[:1]
+            raise ConfigError(_format_error(err, _file_setting(path, sources)))
+
+
+def _file_setting(path: list, sources: list[str]) -> str:
+    """The last of ``sources`` whose YAML sets the key at ``path`` (all of them, joined, if none does)."""
+    for source in reversed(sources):
+        try:
+            node = yaml.safe_load(Path(source).read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        for part in path:
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+                node = node[part]
+            else:
+                break
+        else:
+            return source
+    return " + ".join(sources)
+
+
 def deep_merge(base: dict, override: dict) -> dict:
     """Recursively merge ``override`` into a copy of ``base`` (override wins; dicts merge)."""
     out = copy.deepcopy(base)
@@ -173,6 +248,34 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
                 raise ConfigError(f"override {item!r}: '{part}' is not a section")
         node[parts[-1]] = value
     return cfg
+
+
+def validate_with_overrides(cfg: dict, overrides: list[str], source: str) -> dict:
+    """:func:`validate_run_config` and :func:`check_geometry` of ``cfg`` with ``--set`` overrides,
+    blaming the right one on error.
+
+    An error that the file alone does not have comes from an override: the message then names
+    that ``--set KEY=VALUE``, not the file.
+    """
+    def validate(tree: dict, where: str) -> dict:
+        checked = validate_run_config(tree, where)
+        check_geometry(checked, where)
+        return checked
+
+    try:
+        return validate(apply_overrides(cfg, overrides), source)
+    except ConfigError as merged:
+        if not overrides:
+            raise
+        validate(cfg, source)  # the file's own error, if it has one, is named first
+        culprits = []
+        for item in overrides:
+            try:
+                validate(apply_overrides(cfg, [item]), source)
+            except ConfigError:
+                culprits.append(item)
+        blamed = " ".join(f"--set {item}" for item in culprits or overrides)
+        raise ConfigError(str(merged).replace(f"{source}:", f"{blamed}:", 1)) from None
 
 
 def canonical_json(obj: Any) -> str:
@@ -248,6 +351,7 @@ def resolve_runs(workflow_cfg: dict, source: str = "config/config.yaml") -> dict
         merged = deep_merge(shared, {"data": data})
         merged = deep_merge(merged, override or {})
         resolved[name] = validate_run_config(merged, f"{source} (runs.{name})")
+        check_geometry(resolved[name], f"{source} (runs.{name})")
     _point_orl_runs_at_stage2(workflow_cfg, resolved, source)
     return resolved
 

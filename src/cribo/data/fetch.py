@@ -44,8 +44,8 @@ def fetch_archive(archive: Archive, downloads: str | Path, raw: str | Path, *, m
                   remove_archive: bool = False, progress: bool = True, retries: int = 4,
                   backoff: float = 2.0) -> Path:
     """Download, verify and extract one archive; returns ``RAW/<archive name>``."""
-    from cribo.data.download import download, file_digest
-    from cribo.data.extract import extract
+    from cribo.data.download import DownloadError, download, file_digest
+    from cribo.data.extract import UnsafeArchiveError, extract
 
     downloads, raw = Path(downloads), Path(raw)
     dest = raw / archive.name
@@ -61,19 +61,34 @@ def fetch_archive(archive: Archive, downloads: str | Path, raw: str | Path, *, m
         checksum = f"sha256:{recorded.read_text().split()[0]}"
     else:
         checksum = None
-    download(archive_url(archive, mirror), path, size=None, checksum=checksum, retries=retries,
-             backoff=backoff, progress=progress, expected_bytes=archive.approx_bytes)
+    try:
+        download(archive_url(archive, mirror), path, size=None, checksum=checksum, retries=retries,
+                 backoff=backoff, progress=progress, expected_bytes=archive.approx_bytes)
+    except DownloadError as err:
+        if checksum is None or archive.md5 or "corrupt" not in str(err):
+            raise
+        found = str(err).split("; the file was removed")[0]
+        raise DownloadError(f"{found} (the sha256 recorded in {recorded} on the first download; there is no "
+                            f"published checksum); the download was removed. If the file on the server changed "
+                            f"legitimately, delete {recorded} and rerun") from err
+    _check_space_for_extraction(path, raw)
+    if dest.exists():  # a half-extracted folder of an interrupted run
+        shutil.rmtree(dest)
+    try:
+        extract(path, dest, progress=progress)
+    except UnsafeArchiveError:
+        if checksum is None:  # an unverified archive that was refused must not be trusted on the next run
+            path.unlink(missing_ok=True)
+        raise
     if checksum is None:
+        # trust on first use, but only for an archive that was accepted: recording the hash of a
+        # refused one would make every later good download fail as "corrupt"
         digest = file_digest(path, "sha256")
         tmp = recorded.with_name(recorded.name + ".tmp")
         tmp.write_text(f"{digest}  {archive.filename}\n")
         os.replace(tmp, recorded)
         print(f"note: no published checksum for {archive.filename}; recorded its sha256 {digest[:16]}... "
               f"in {recorded} (later downloads are checked against it)")
-    _check_space_for_extraction(path, raw)
-    if dest.exists():  # a half-extracted folder of an interrupted run
-        shutil.rmtree(dest)
-    extract(path, dest, progress=progress)
     (dest / EXTRACTED).write_text(f"{archive.filename}\n")
     if remove_archive:
         path.unlink()

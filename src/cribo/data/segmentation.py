@@ -68,8 +68,9 @@ def load_mask(path: Path) -> np.ndarray:
             return np.array(img, dtype=np.uint8)
     except FileNotFoundError as err:
         raise DataError(f"mask not found: {path}") from err
-    except UnidentifiedImageError as err:
-        raise DataError(f"corrupt or unreadable mask: {path} ({err})") from err
+    except (UnidentifiedImageError, OSError) as err:  # OSError: truncated or otherwise damaged PNG
+        raise DataError(f"corrupt or unreadable mask: {path} ({err}); replace it with an intact copy "
+                        "(re-extract or re-prepare the dataset)") from err
 
 
 def check_mask_values(mask: np.ndarray, num_classes: int, ignore_index: int, path, dataset: str = "dataset") -> None:

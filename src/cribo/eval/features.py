@@ -304,3 +304,21 @@ def load_store(path: str | Path) -> FeatureStore:
     meta = json.loads(meta_path.read_text())
     load = lambda name: np.load(path / name, mmap_mode="r")  # noqa: E731
     return FeatureStore(load("features.npy"), load("label_counts.npy"), load("masks.npy"), meta)
+
+
+def check_store_checkpoint(store: FeatureStore, store_path: str | Path, checkpoint: str | Path,
+                           checkpoint_sha256: str, option: str = "--val-features") -> None:
+    """Refuse a feature store that was not extracted from ``checkpoint`` (compared by sha256).
+
+    A row names the checkpoint it evaluates; features of another checkpoint would give that
+    checkpoint another's numbers without any sign of it.
+    """
+    recorded = store.meta.get("checkpoint_sha256")
+    if recorded is None:
+        raise ValueError(f"{option} {store_path}: its meta.json does not record which checkpoint it was "
+                         f"extracted from; extract it again with `cribo extract --checkpoint {checkpoint}`")
+    if recorded != checkpoint_sha256:
+        raise ValueError(f"{option} {store_path} was extracted from {store.meta.get('checkpoint', 'another file')} "
+                         f"(sha256 {recorded[:12]}...), not from --checkpoint {checkpoint} (sha256 "
+                         f"{checkpoint_sha256[:12]}...); pass the checkpoint the features came from, or extract "
+                         "them again from this one")

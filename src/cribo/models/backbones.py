@@ -14,11 +14,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-ARCHS = {
-    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
-    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
-}
+from cribo.models.archs import ARCHS  # noqa: F401  (re-exported: callers import it from here)
 
 
 RESNETS = ("resnet18", "resnet50")
@@ -204,13 +200,25 @@ def _tag(model: PatchFeatureExtractor, img_size: int | None, method: str) -> Pat
 
 
 def _load_strict(vit: nn.Module, state: dict, source: str, what: str) -> None:
-    missing, unexpected = vit.load_state_dict(state, strict=False)
-    mismatched = [k for k, v in state.items() if k in vit.state_dict() and vit.state_dict()[k].shape != v.shape]
+    """Load ``state`` into ``vit`` or raise :class:`CheckpointError` naming what does not fit.
+
+    Shapes are compared before loading: torch's ``load_state_dict`` raises a bare RuntimeError
+    on the first mismatched tensor, even with ``strict=False``.
+    """
+    expected = vit.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
+                  if k in expected and expected[k].shape != v.shape]
     if missing or unexpected or mismatched:
-        raise CheckpointError(f"{source}: the backbone weights do not fit {what}: missing keys {missing[:6]}"
-                              f"{' ...' if len(missing) > 6 else ''}, unexpected keys {unexpected[:6]}"
-                              f"{' ...' if len(unexpected) > 6 else ''}, wrong shapes {mismatched[:6]} "
-                              "(is it another architecture or patch size?)")
+        problems = [f"{label} {keys[:shown]}{' ...' if len(keys) > shown else ''}"
+                    for label, keys, shown in (("wrong shapes (file vs model)", mismatched, 3),
+                                               ("missing keys", missing, 6), ("unexpected keys", unexpected, 6))
+                    if keys]
+        raise CheckpointError(f"{source}: the backbone weights do not fit {what}: {'; '.join(problems)}; is it "
+                              "another architecture or patch size? Pass the matching --timm-model, or the "
+                              "checkpoint these weights belong to")
+    vit.load_state_dict(state)
 
 
 def _vit_from_shapes(state: dict, source: str) -> tuple[VisionTransformer, int]:
@@ -247,7 +255,11 @@ def _timm_backbone(name: str, state: dict, source: str) -> PatchFeatureExtractor
     if not isinstance(vit, VisionTransformer):
         raise CheckpointError(f"--timm-model {name!r} is not a VisionTransformer; only ViTs give patch tokens here")
     # timm's converter handles the DINO/MAE/DINOv2 key conventions and resamples position embeddings
-    state = vision_transformer.checkpoint_filter_fn(state, vit)
+    try:
+        state = vision_transformer.checkpoint_filter_fn(state, vit)
+    except (RuntimeError, ValueError) as err:  # e.g. weights of another width than the model
+        raise CheckpointError(f"{source}: the weights do not fit --timm-model {name} ({err}); pass the timm "
+                              "model these weights were trained as") from err
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.")) or k in vit.state_dict()}
     _load_strict(vit, state, source, f"timm model {name}")
     model = ViTPatchFeatures(vit)

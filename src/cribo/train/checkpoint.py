@@ -27,6 +27,10 @@ class CheckpointLoadError(ValueError):
     pass
 
 
+class ResumeMismatchError(ValueError):
+    """An output folder holds a checkpoint of other settings than the run asked to continue it."""
+
+
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,8 +72,12 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Read one of our checkpoints, an official CrIBo/DINO checkpoint, a state dict or a safetensors file."""
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -> dict:
+    """Read one of our checkpoints, an official CrIBo/DINO checkpoint, a state dict or a safetensors file.
+
+    ``mmap=True`` maps the tensors instead of reading them (for a quick look at the metadata of a
+    large checkpoint).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointLoadError(f"checkpoint not found: {path}")
@@ -77,7 +85,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         return _load_safetensors(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+            ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap or None)
     except pickle.UnpicklingError as err:
         raise CheckpointLoadError(
             f"{path}: refused to load: it contains pickled objects other than tensors, plain containers "
@@ -120,3 +128,49 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_resume_settings(ckpt_path: str | os.PathLike, cfg: dict) -> None:
+    """Refuse to continue ``ckpt_path`` with a run config of another run id; nothing happens without it.
+
+    A resumed run must train with the settings of the epochs already done, or the checkpoint (and
+    every row computed from it) would claim settings that part of its training never used. Only
+    the ``train`` section (where and how fast to run) may differ. Called before anything is
+    written to the output folder.
+    """
+    from cribo.config import artefact_settings, run_id
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        return
+    try:
+        saved = load_checkpoint(path, mmap=True).get("config")
+    except CheckpointLoadError:  # files in torch's legacy (non-zip) format cannot be memory-mapped
+        saved = load_checkpoint(path).get("config")
+    if not isinstance(saved, dict):
+        raise ResumeMismatchError(f"{path} is not a checkpoint written by `cribo train` (no recorded run config), "
+                                  "so it cannot be resumed; give another --output-dir or move the file away")
+    if run_id(saved) == run_id(cfg):
+        return
+    old, new = _flatten(artefact_settings(saved)), _flatten(artefact_settings(cfg))
+    changes = [f"{key}: {old.get(key, '(not set)')!r} -> {new.get(key, '(not set)')!r}"
+               for key in sorted(old.keys() | new.keys()) if old.get(key, _MISSING) != new.get(key, _MISSING)]
+    shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+    raise ResumeMismatchError(
+        f"{path} was trained with other settings (run id {run_id(saved)}) than this run (run id {run_id(cfg)}): "
+        f"{shown}. Only the 'train' section may change when resuming: run with the checkpoint's settings to "
+        "continue it, or give another --output-dir to start a run with the new ones")
+
+
+_MISSING = object()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}``."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

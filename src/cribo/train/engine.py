@@ -43,10 +43,11 @@ from cribo.data.images import list_pretrain_images
 from cribo.method.base import Method, build_method
 from cribo.method.schedules import cosine_schedule
 from cribo.method.untrained import UNTRAINED
-from cribo.train.checkpoint import load_checkpoint, save_checkpoint
+from cribo.train.checkpoint import check_resume_settings, load_checkpoint, save_checkpoint
 from cribo.train.distributed import (DistInfo, all_gather_objects, barrier, cleanup, init_distributed,
                                      is_distributed)
 from cribo.train.sampling import ResumableEpochSampler
+from cribo.train.step_logs import drop_logged_steps_from
 
 CHECKPOINT_NAME = "checkpoint.pth"
 
@@ -79,6 +80,7 @@ def _base_state(cfg: dict, method: str, dist_info: DistInfo) -> dict:
 def train(cfg: dict, output_dir: str | Path) -> Path:
     """Run (or resume) the pretraining described by the validated run config ``cfg``."""
     output_dir = Path(output_dir)
+    check_resume_settings(output_dir / CHECKPOINT_NAME, cfg)  # before config.yaml is (over)written
     dist_info = init_distributed(cfg["train"]["device"])
     if cfg["train"]["threads"]:
         # train.threads is the job's budget: torchrun's processes on this node share it
@@ -360,6 +362,8 @@ def resume(ckpt_path: Path, method: Method, optimizer, scaler, cfg: dict, dist_i
     if scaler.is_enabled() and "fp16_scaler" in ckpt:
         scaler.load_state_dict(ckpt["fp16_scaler"])
     start_epoch, start_step = int(ckpt["epoch"]), int(ckpt.get("step_in_epoch", 0))
+    if dist_info.is_main:  # steps logged after this checkpoint are about to run again
+        drop_logged_steps_from(ckpt_path.parent, start_epoch * steps_per_epoch + start_step, start_epoch)
     saved_world = int(ckpt.get("world_size", 1))
     if saved_world == dist_info.world_size and "rng_states" in ckpt:
         set_rng_state(ckpt["rng_states"][dist_info.rank], dist_info.device)

@@ -50,6 +50,10 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Pa
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         save_file(state, str(tmp), metadata=metadata)
+        # safetensors creates its file with mode 0600; an export is meant to be shared like any file
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

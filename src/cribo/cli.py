@@ -550,7 +550,7 @@ def cmd_figures(args) -> None:
     from cribo.data.segmentation import ResizePair, segmentation_dataset
     from cribo.eval import figures
     from cribo.eval.features import load_store
-    from cribo.models.backbones import ViTPatchFeatures
+    from cribo.models.backbones import PixelPatches
 
     spec = get_spec(args.dataset, args.data_root)
     train, val = load_store(args.train_features), load_store(args.val_features)
@@ -569,7 +569,7 @@ def cmd_figures(args) -> None:
                                     title=f"in-context retrieval, k={args.k}, memory: {train.meta['split']}")
     print(f"wrote {path}")
     backbone, ckpt, device, _ = _load_eval_backbone(args)
-    if not isinstance(backbone, ViTPatchFeatures):
+    if isinstance(backbone, PixelPatches):
         print("objects.png skipped: the checkpoint has no network (pixel baseline)")
         return
     cribo_cfg = (ckpt.get("config") or {}).get("cribo", {})

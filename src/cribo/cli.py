@@ -143,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="images per resumable shard (default 2048)")
     _add_common_eval(ex)
 
+    eg = sub.add_parser("extract-global",
+                        help="write one L2-normalised descriptor per image with its image-level labels (SVM protocols)")
+    eg.add_argument("--checkpoint", required=True, help="any format --checkpoint takes (ViT or ResNet)")
+    eg.add_argument("--split", required=True, help="split, e.g. trainval or test (voc2007), train or val (toyscenes)")
+    eg.add_argument("--out", required=True, help="output folder (image-level feature store)")
+    _add_common_eval(eg)
+
     # ---- eval ----
     ev = sub.add_parser("eval", help="evaluate a checkpoint with a dense protocol")
     ev_sub = ev.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
@@ -216,6 +223,24 @@ def build_parser() -> argparse.ArgumentParser:
     oc.add_argument("--out", required=True, help="output JSON row")
     oc.add_argument("--experiment", default=None, help="experiment name recorded in the row")
     oc.add_argument("--run-name", default=None, help="run name recorded in the row")
+
+    sv = ev_sub.add_parser("svm", help="VOC07 SVM classification: one linear SVM per class, cost by 3-fold CV AP")
+    sl = ev_sub.add_parser("svm-lowshot", help="VOC07 low-shot SVMs: k positives and 19k negatives per class, 5 samples")
+    for p in (sv, sl):
+        p.add_argument("--checkpoint", required=True, help="checkpoint whose features the stores hold")
+        p.add_argument("--train-features", required=True, help="trainval store (`cribo extract-global`)")
+        p.add_argument("--test-features", required=True, help="test store (`cribo extract-global`)")
+        p.add_argument("--folds", type=int, default=3, help="cross-validation folds of the cost selection (default 3)")
+        p.add_argument("--workers", type=int, default=1, help="processes fitting SVMs in parallel (default 1)")
+        p.add_argument("--out", required=True, help="output JSON row")
+        p.add_argument("--experiment", default=None, help="experiment name recorded in the row")
+        p.add_argument("--run-name", default=None, help="run name recorded in the row")
+    sl.add_argument("--k", type=int, required=True, help="positives per class (the protocol: 1 2 4 8 16 32 64 96)")
+    sl.add_argument("--selection", default="test", choices=["test", "cv"],
+                    help="test: the official cost selection on the test mAP (flagged in the row); "
+                         "cv: each class's cost by cross-validation on its own sample")
+    sl.add_argument("--samples", type=int, default=5, help="random training sets per k (default 5)")
+    sl.add_argument("--seed", type=int, default=0, help="seed of the samples (default 0)")
 
     # ---- figures ----
     fg = sub.add_parser("figures", help="PNG figures: in-context predictions and cross-image object matches")
@@ -404,6 +429,54 @@ def cmd_extract(args) -> None:
     print(f"features {load_store(args.out).features.shape} written to {args.out}")
 
 
+def cmd_extract_global(args) -> None:
+    from cribo.data.registry import get_spec
+    from cribo.data.voc07 import multilabel_set
+    from cribo.eval.global_features import extract_global, write_global_store
+    from cribo.train.checkpoint import file_sha256
+
+    spec = get_spec(args.dataset, args.data_root)
+    images = multilabel_set(spec, args.data_root, args.split)
+    backbone, ckpt, device, size = _load_eval_backbone(args)
+    features = extract_global(backbone, images, size, args.batch_size, device, args.num_workers,
+                              progress=not args.no_progress)
+    descriptor = "cls+mean_patch" if getattr(backbone, "vit", None) is not None else \
+        f"{getattr(backbone, 'feature_map', 'map')} avg-pooled to 2x2"
+    write_global_store(args.out, features, images, {
+        "dataset": spec.name, "split": args.split, "image_size": size, "descriptor": descriptor,
+        "checkpoint": args.checkpoint, "checkpoint_sha256": file_sha256(args.checkpoint), "method": ckpt["method"]})
+    print(f"image features {features.shape} ({descriptor}) written to {args.out}")
+
+
+def cmd_svm(args) -> None:
+    from cribo.eval.global_features import load_global_store
+    from cribo.eval.protocol import make_row, write_row
+    from cribo.eval.svm import lowshot_benchmark, svm_benchmark
+    from cribo.train.checkpoint import file_sha256, load_checkpoint
+
+    started = time.time()
+    train_x, train_y, train_meta = load_global_store(args.train_features)
+    test_x, test_y, test_meta = load_global_store(args.test_features)
+    if train_meta["dataset"] != test_meta["dataset"] or train_meta["class_names"] != test_meta["class_names"]:
+        raise ValueError(f"{args.train_features} ({train_meta['dataset']}) and {args.test_features} "
+                         f"({test_meta['dataset']}) hold different datasets or classes")
+    if args.protocol == "svm":
+        result = svm_benchmark(train_x, train_y, test_x, test_y, folds=args.folds, workers=args.workers)
+    else:
+        result = lowshot_benchmark(train_x, train_y, test_x, test_y, args.k, args.selection, samples=args.samples,
+                                   seed=args.seed, workers=args.workers)
+    result.update(image_size=test_meta["image_size"], descriptor=test_meta["descriptor"],
+                  feature_dim=int(test_x.shape[1]), train_split=train_meta["split"], seed=getattr(args, "seed", None))
+    ckpt = load_checkpoint(args.checkpoint)
+    row = make_row(args.protocol.replace("-", "_"), result, checkpoint=args.checkpoint,
+                   checkpoint_sha256=file_sha256(args.checkpoint), checkpoint_cfg=ckpt.get("config"),
+                   dataset=test_meta["dataset"], split=test_meta["split"], class_names=test_meta["class_names"],
+                   experiment=args.experiment, run_name=args.run_name, started=started)
+    write_row(row, args.out)
+    extra = f" +- {row['map_std']:.2f} (k={args.k}, cost selected on {args.selection})" if args.protocol != "svm" else ""
+    print(f"{args.protocol} mAP {row['map']:.2f}{extra} -> {args.out}")
+
+
 def cmd_overcluster(args) -> None:
     from cribo.eval.features import load_store
     from cribo.eval.overclustering import overcluster
@@ -499,6 +572,8 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    if args.protocol in ("svm", "svm-lowshot"):
+        return cmd_svm(args)
     if args.protocol == "overcluster":
         return cmd_overcluster(args)
     if args.protocol == "linear":
@@ -611,7 +686,7 @@ def cmd_table(args) -> None:
 
 
 COMMANDS = {"data": cmd_data, "config": cmd_config, "train": cmd_train, "import-baseline": cmd_import_baseline,
-            "export": cmd_export, "extract": cmd_extract,
+            "export": cmd_export, "extract": cmd_extract, "extract-global": cmd_extract_global,
             "eval": cmd_eval, "table": cmd_table, "curves": cmd_curves, "figures": cmd_figures}
 
 

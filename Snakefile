@@ -21,6 +21,7 @@ include: "workflow/rules/datasets.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/eval.smk"
+include: "workflow/rules/svm.smk"
 include: "workflow/rules/tables.smk"
 
 

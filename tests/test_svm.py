@@ -284,3 +284,16 @@ def test_mixed_feature_stores_exit_with_the_fix(tmp_path, capsys):
     assert main(["eval", "svm", "--checkpoint", str(tmp_path / "c.pth"), "--train-features", str(tmp_path / "a"),
                  "--test-features", str(tmp_path / "b"), "--out", str(tmp_path / "r.json")]) == 2
     assert "mixed dimension" in capsys.readouterr().err and not (tmp_path / "r.json").exists()
+
+
+def test_svm_rows_become_the_svm_table(tmp_path):
+    from cribo.results.tables import build_svm_table, run_metrics
+
+    base = {"experiment": "e", "run_name": "orl", "method": "orl", "arch": "resnet50", "dataset": "voc2007"}
+    rows = [{**base, "protocol": "svm_lowshot", "k": 2, "cost_selection": "cv", "map": 40.0, "map_std": 1.0},
+            {**base, "protocol": "svm", "map": 86.7},
+            {**base, "protocol": "svm_lowshot", "k": 1, "cost_selection": "test", "map": 30.0, "map_std": 2.0}]
+    table = build_svm_table(rows)
+    assert table["map"].tolist() == [86.7, 30.0, 40.0]  # the full benchmark first, then by k
+    metrics = run_metrics(rows).set_index("metric")["value"]
+    assert metrics["svm voc2007 mAP"] == 86.7 and metrics["svm voc2007 k=2 cv mAP"] == 40.0

@@ -48,6 +48,17 @@ LINEAR_IDS = {
 }
 FINETUNE_ID = f"{DATA_ID}-{DENSE['crop']}px-{short_hash({**{k: v for k, v in FINETUNE.items() if k != 'decoders'}, **DENSE}, 6)}"
 RUN_DIR = "results/{experiment}/{run_id}"
+# VOC07 SVM: its own dataset (voc2007) or the evaluation dataset with labels from the masks
+SVM = EVAL["svm"]
+SVM_DATASET = SVM["dataset"] or DATASET
+if SVM["dataset"] is None:
+    SVM_ROOT = SVM["root"] or DATA_ROOT
+else:  # a prepared dataset (`cribo data prepare voc2007`), resources/<name> unless svm.root says otherwise
+    SVM_ROOT = SVM["root"] or f"resources/{SVM['dataset']}"
+SVM_INPUT = SVM_ROOT if SVM_DATASET == "toyscenes" else f"{SVM_ROOT}/.prepared.json"
+SVM_SIZE = SVM["image_size"] or EVAL["image_size"]
+SVM_FEATURES_ID = f"{SVM_DATASET}-{short_hash(SVM_ROOT, 6)}-{SVM_SIZE}px"
+SVM_ID = f"{SVM_FEATURES_ID}-{short_hash({k: SVM[k] for k in ('folds', 'lowshot_samples')}, 6)}"
 # feature folders: the queries in one plain pass, the memory as the protocol asks
 QUERY_PASSES = "x1"
 MEMORY_PASSES = f"x{INCONTEXT['memory_passes']}{'a' if INCONTEXT['memory_augment'] else ''}"
@@ -64,6 +75,8 @@ wildcard_constraints:
     protocol="leopart|mmseg",
     decoder="mask|linear",
     setting="[A-Za-z0-9_.-]+",
+    selection="test|cv",
+    k="[0-9]+",
 
 
 def incontext_rows():
@@ -81,6 +94,18 @@ def overcluster_rows():
     """Every (run, K) row of the overclustering table."""
     return [f"results/{EXPERIMENT}/{rid}/eval/overcluster/{OVERCLUSTER_ID}/k{k}.json"
             for rid in RUN_IDS.values() for k in OVERCLUSTER["clusters"]]
+
+
+def svm_rows():
+    """The full SVM row and every (k, cost selection) low-shot row of every run, when enabled."""
+    if not SVM["enabled"]:
+        return []
+    rows = []
+    for rid in RUN_IDS.values():
+        rows.append(f"results/{EXPERIMENT}/{rid}/eval/svm/{SVM_ID}/full.json")
+        rows += [f"results/{EXPERIMENT}/{rid}/eval/svm/{SVM_ID}/lowshot-k{k}-{sel}.json"
+                 for k in SVM["lowshot_k"] for sel in SVM["lowshot_selection"]]
+    return rows
 
 
 def pretrain_data_input(wildcards):

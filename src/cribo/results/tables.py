@@ -6,7 +6,7 @@ and the number of seeds. The same frame is written as CSV (for programs) and Mar
 people), plus a flat ``metrics.json`` that DVC compares across experiments. Overclustering rows
 (``build_overcluster_table``) become ``overcluster.{csv,md}``, one line per (run, K), and linear-probe
 rows (``build_linear_table``) ``linear.{csv,md}``, fine-tuning rows (``build_finetune_table``)
-``finetune.{csv,md}``.
+``finetune.{csv,md}``, VOC07 SVM and low-shot rows (``build_svm_table``) ``svm.{csv,md}``.
 """
 
 from __future__ import annotations
@@ -115,7 +115,28 @@ def _segmentation_table(rows: list[dict], protocol: str, settings: list[str]) ->
     return table.round({"miou": 2, "pixel_accuracy": 2})
 
 
-METRIC_COLUMNS = {"ours", "paper", "delta", "base", "change"}
+SVM_COLUMNS = ["experiment", "run_name", "run_id", "method", "arch", "dataset", "protocol", "k", "cost_selection",
+               "selects_on_test", "samples", "image_size", "feature_dim"]
+
+
+def build_svm_table(rows: list[dict]) -> pd.DataFrame:
+    """VOC07 SVM rows (``k`` empty) and low-shot rows (one per k and cost selection): mAP, and for
+    low-shot its sample standard deviation over the random training sets."""
+    rows = [r for r in rows if r.get("protocol") in ("svm", "svm_lowshot")]
+    columns = SVM_COLUMNS + ["map", "map_std"]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    frame = pd.DataFrame(rows)
+    for col in columns:
+        if col not in frame:
+            frame[col] = None
+    frame["k"] = frame["k"].astype("Int64")
+    table = frame[columns].sort_values(["experiment", "run_name", "dataset", "protocol", "k", "cost_selection"],
+                                       na_position="first").reset_index(drop=True)
+    return table.round({"map": 2, "map_std": 2})
+
+
+METRIC_COLUMNS = {"ours", "paper", "delta", "base", "change", "map"}
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -156,10 +177,15 @@ def run_metrics(rows: list[dict]) -> pd.DataFrame:
             metric = f"linear {r['dataset']} {r.get('protocol_name')}"
         elif protocol == "finetune":
             metric = f"finetune {r['dataset']} {r.get('decoder')}"
+        elif protocol == "svm":
+            metric = f"svm {r['dataset']} mAP"
+        elif protocol == "svm_lowshot":
+            metric = f"svm {r['dataset']} k={r['k']} {r['cost_selection']} mAP"
         else:
             continue
+        value = r["map"] if protocol.startswith("svm") else r["miou"]
         records.append({"experiment": r.get("experiment"), "run_name": r.get("run_name"), "metric": metric,
-                        "value": float(r["miou"])})
+                        "value": float(value)})
     if not records:
         return pd.DataFrame(columns=["experiment", "run_name", "metric", "value"])
     frame = pd.DataFrame(records)
@@ -214,6 +240,13 @@ def write_tables(row_paths: list[str | Path], out_dir: str | Path, ablation_base
     for r in overclusters.itertuples(index=False):
         metrics.setdefault("overcluster_miou", {}).setdefault(r.experiment, {}).setdefault(
             r.run_name, {})[f"{r.dataset}_k{r.clusters}"] = r.miou
+    svm_table = build_svm_table(rows)
+    atomic_write_text(out_dir / "svm.csv", svm_table.to_csv(index=False))
+    atomic_write_text(out_dir / "svm.md", to_markdown(svm_table))
+    for r in svm_table.itertuples(index=False):
+        setting = "full" if r.protocol == "svm" else f"k{r.k}_{r.cost_selection}"
+        metrics.setdefault("svm_map", {}).setdefault(r.experiment, {}).setdefault(
+            r.run_name, {})[f"{r.dataset}_{setting}"] = r.map
     ablations = build_ablation_table(rows, ablation_base) if ablation_base else build_ablation_table([], "")
     atomic_write_text(out_dir / "ablations.csv", ablations.to_csv(index=False))
     atomic_write_text(out_dir / "ablations.md", to_markdown(ablations))

@@ -22,6 +22,7 @@ include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/eval.smk"
 include: "workflow/rules/svm.smk"
+include: "workflow/rules/detect.smk"
 include: "workflow/rules/tables.smk"
 
 

@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     ib.add_argument("--output-dir", required=True, help="folder for checkpoint.pth")
     ib.add_argument("--summary", default=None, help="also write a JSON summary here (the DAG's completion marker)")
 
+    iw = sub.add_parser("init-weights", help="write randomly initialised ResNet weights (the 'Random' baseline)")
+    iw.add_argument("--arch", default="resnet50", help="resnet_tiny, resnet18, resnet34, resnet50, resnet101, resnet152")
+    iw.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    iw.add_argument("--out", required=True, help="output .pth (torchvision key layout)")
+
     exp = sub.add_parser("export", help="write a slim evaluation checkpoint (teacher backbone, safetensors)")
     exp.add_argument("--checkpoint", required=True, help="training checkpoint (ours or official CrIBo/DINO)")
     exp.add_argument("--out", required=True, help="output file, *.safetensors")
@@ -241,6 +246,30 @@ def build_parser() -> argparse.ArgumentParser:
                          "cv: each class's cost by cross-validation on its own sample")
     sl.add_argument("--samples", type=int, default=5, help="random training sets per k (default 5)")
     sl.add_argument("--seed", type=int, default=0, help="seed of the samples (default 0)")
+
+    de = ev_sub.add_parser("detect", help="COCO detection + instance segmentation: Mask R-CNN R50-FPN v2 (1x) from a ResNet-50")
+    de.add_argument("--checkpoint", required=True, help="a checkpoint holding a ResNet-50 (ours or imported)")
+    de.add_argument("--train-ann", required=True, help="COCO instances JSON of the training split")
+    de.add_argument("--val-ann", required=True, help="COCO instances JSON of the validation split")
+    de.add_argument("--train-images", required=True, help="folder the training file_names are relative to")
+    de.add_argument("--val-images", required=True, help="folder the validation file_names are relative to")
+    de.add_argument("--iterations", type=int, default=90000, help="training iterations (default 90000: 1x)")
+    de.add_argument("--batch-size", type=int, default=16, help="images per iteration (default 16)")
+    de.add_argument("--lr", type=float, default=0.02, help="base learning rate (default 0.02 at batch 16)")
+    de.add_argument("--steps", type=int, nargs="*", default=[60000, 80000], help="iterations where lr /= 10")
+    de.add_argument("--warmup", type=int, default=1000, help="linear warm-up iterations (default 1000)")
+    de.add_argument("--min-size", type=int, nargs="+", default=[640, 672, 704, 736, 768, 800],
+                    help="training short sides, one drawn per batch (default 640-800 step 32)")
+    de.add_argument("--test-size", type=int, default=800, help="test short side (default 800)")
+    de.add_argument("--max-size", type=int, default=1333, help="long-side cap (default 1333)")
+    de.add_argument("--seed", type=int, default=0, help="seed of the heads, data order and scales (default 0)")
+    de.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    de.add_argument("--checkpoint-every", type=int, default=1000,
+                    help="iterations between resumable state saves next to --out (default 1000)")
+    de.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    de.add_argument("--out", required=True, help="output JSON row")
+    de.add_argument("--experiment", default=None, help="experiment name recorded in the row")
+    de.add_argument("--run-name", default=None, help="run name recorded in the row")
 
     # ---- figures ----
     fg = sub.add_parser("figures", help="PNG figures: in-context predictions and cross-image object matches")
@@ -407,6 +436,13 @@ def cmd_import_baseline(args) -> None:
     print(f"baseline {args.method} imported -> {summary['checkpoint']}")
 
 
+def cmd_init_weights(args) -> None:
+    from cribo.models.backbones import save_random_resnet
+
+    save_random_resnet(args.arch, args.seed, args.out)
+    print(f"random {args.arch} (seed {args.seed}) -> {args.out}")
+
+
 def cmd_export(args) -> None:
     from cribo.train.export import export_backbone
 
@@ -475,6 +511,42 @@ def cmd_svm(args) -> None:
     write_row(row, args.out)
     extra = f" +- {row['map_std']:.2f} (k={args.k}, cost selected on {args.selection})" if args.protocol != "svm" else ""
     print(f"{args.protocol} mAP {row['map']:.2f}{extra} -> {args.out}")
+
+
+def cmd_detect(args) -> None:
+    import torch
+
+    from cribo.eval import detection
+    from cribo.eval.protocol import make_row, write_row
+    from cribo.train.checkpoint import file_sha256, load_checkpoint
+    from cribo.train.distributed import pick_device
+
+    started = time.time()
+    ckpt = load_checkpoint(args.checkpoint)
+    state = detection.resnet50_state_from_checkpoint(ckpt, args.checkpoint)
+    train = detection.CocoInstances(args.train_ann, args.train_images, train=True)
+    val = detection.CocoInstances(args.val_ann, args.val_images, train=False)
+    if train.category_ids != val.category_ids:
+        raise ValueError(f"{args.train_ann} and {args.val_ann} have different categories")
+    torch.manual_seed(args.seed)  # the heads' initialisation
+    model = detection.build_detector(len(train.category_ids), state, min_size=tuple(args.min_size),
+                                     test_size=args.test_size, max_size=args.max_size)
+    device = pick_device(args.device)
+    trained = detection.train_detector(model, train, iterations=args.iterations, batch_size=args.batch_size,
+                                       lr=args.lr, steps=tuple(args.steps), warmup=args.warmup, seed=args.seed,
+                                       device=device, state_path=f"{args.out}.state.pth",
+                                       checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
+    metrics = detection.evaluate_detector(model, val, device, progress=not args.no_progress)
+    result = {**metrics, **trained, "batch_size": args.batch_size, "lr": args.lr, "steps": args.steps,
+              "warmup": args.warmup, "min_size": args.min_size, "test_size": args.test_size, "seed": args.seed,
+              "detector": "maskrcnn_resnet50_fpn_v2", "image_size": args.test_size, "device": str(device)}
+    row = make_row("detect", result, checkpoint=args.checkpoint, checkpoint_sha256=file_sha256(args.checkpoint),
+                   checkpoint_cfg=ckpt.get("config"), dataset=Path(args.val_ann).stem, split="val",
+                   class_names=[c["name"] for c in val.coco.loadCats(val.category_ids)],
+                   experiment=args.experiment, run_name=args.run_name, started=started)
+    write_row(row, args.out)
+    print(f"detection: box AP {row['AP_bb']:.2f}, mask AP {row['AP_mk']:.2f} "
+          f"({trained['seconds_per_iteration']:.2f} s/iteration) -> {args.out}")
 
 
 def cmd_overcluster(args) -> None:
@@ -574,6 +646,8 @@ def cmd_finetune(args) -> None:
 def cmd_eval(args) -> None:
     if args.protocol in ("svm", "svm-lowshot"):
         return cmd_svm(args)
+    if args.protocol == "detect":
+        return cmd_detect(args)
     if args.protocol == "overcluster":
         return cmd_overcluster(args)
     if args.protocol == "linear":
@@ -686,6 +760,7 @@ def cmd_table(args) -> None:
 
 
 COMMANDS = {"data": cmd_data, "config": cmd_config, "train": cmd_train, "import-baseline": cmd_import_baseline,
+            "init-weights": cmd_init_weights,
             "export": cmd_export, "extract": cmd_extract, "extract-global": cmd_extract_global,
             "eval": cmd_eval, "table": cmd_table, "curves": cmd_curves, "figures": cmd_figures}
 

@@ -96,6 +96,24 @@ def overcluster_rows():
             for rid in RUN_IDS.values() for k in OVERCLUSTER["clusters"]]
 
 
+DETECT = EVAL["detect"]
+_unknown_detect = [n for n in DETECT["runs"] if n not in RUN_IDS]
+if _unknown_detect:
+    raise ConfigError(f"evaluate.detect.runs names {', '.join(_unknown_detect)}, which are neither runs nor "
+                      f"baselines ({', '.join(RUN_IDS)})")
+DETECT_FILES = {
+    "train_ann": DETECT["train_ann"] or f"{DATA_ROOT}/annotations/instances_train.json",
+    "val_ann": DETECT["val_ann"] or f"{DATA_ROOT}/annotations/instances_val.json",
+    "train_images": DETECT["train_images"] or DATA_ROOT,
+    "val_images": DETECT["val_images"] or DATA_ROOT,
+}
+DETECT_ID = short_hash({**{k: v for k, v in DETECT.items() if k != "runs"}, **DETECT_FILES}, 8)
+
+
+def detect_rows():
+    return [f"results/{EXPERIMENT}/{RUN_IDS[name]}/eval/detect/{DETECT_ID}.json" for name in DETECT["runs"]]
+
+
 def svm_rows():
     """The full SVM row and every (k, cost selection) low-shot row of every run, when enabled."""
     if not SVM["enabled"]:

@@ -89,6 +89,21 @@ def build_resnet(arch: str = "resnet50", zero_init_residual: bool = False) -> Re
     return model
 
 
+def save_random_resnet(arch: str, seed: int, out) -> None:
+    """Write a randomly initialised ResNet (torchvision layout, no ``fc``) to ``out``, atomically: the
+    "Random" baseline of ORL's tables, imported like any released weights."""
+    import os
+    from pathlib import Path
+
+    torch.manual_seed(seed)
+    state = build_resnet(arch).state_dict()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, out)
+
+
 def resnet_width(resnet: ResNet) -> int:
     """Channels of res5 (2048 for Bottleneck ResNets, 512 for BasicBlock ones)."""
     last = resnet.layer4[-1]

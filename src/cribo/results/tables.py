@@ -6,7 +6,8 @@ and the number of seeds. The same frame is written as CSV (for programs) and Mar
 people), plus a flat ``metrics.json`` that DVC compares across experiments. Overclustering rows
 (``build_overcluster_table``) become ``overcluster.{csv,md}``, one line per (run, K), and linear-probe
 rows (``build_linear_table``) ``linear.{csv,md}``, fine-tuning rows (``build_finetune_table``)
-``finetune.{csv,md}``, VOC07 SVM and low-shot rows (``build_svm_table``) ``svm.{csv,md}``.
+``finetune.{csv,md}``, VOC07 SVM and low-shot rows (``build_svm_table``) ``svm.{csv,md}``, detection rows
+(``build_detect_table``) ``detect.{csv,md}``.
 """
 
 from __future__ import annotations
@@ -136,7 +137,26 @@ def build_svm_table(rows: list[dict]) -> pd.DataFrame:
     return table.round({"map": 2, "map_std": 2})
 
 
-METRIC_COLUMNS = {"ours", "paper", "delta", "base", "change", "map"}
+DETECT_COLUMNS = ["experiment", "run_name", "run_id", "method", "arch", "pretrain_data", "dataset", "iterations",
+                  "batch_size", "test_size"]
+DETECT_METRICS = ["AP_bb", "AP50_bb", "AP75_bb", "AP_mk", "AP50_mk", "AP75_mk"]
+
+
+def build_detect_table(rows: list[dict]) -> pd.DataFrame:
+    """Detection rows: box and mask AP / AP50 / AP75 (%) with the schedule run and seconds per iteration."""
+    rows = [r for r in rows if r.get("protocol") == "detect"]
+    columns = DETECT_COLUMNS + DETECT_METRICS + ["seconds_per_iteration"]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    frame = pd.DataFrame(rows)
+    for col in columns:
+        if col not in frame:
+            frame[col] = None
+    table = frame[columns].sort_values(["experiment", "run_name", "dataset"]).reset_index(drop=True)
+    return table.round({**{m: 2 for m in DETECT_METRICS}, "seconds_per_iteration": 3})
+
+
+METRIC_COLUMNS = {"ours", "paper", "delta", "base", "change", "map", *DETECT_METRICS}
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -247,6 +267,12 @@ def write_tables(row_paths: list[str | Path], out_dir: str | Path, ablation_base
         setting = "full" if r.protocol == "svm" else f"k{r.k}_{r.cost_selection}"
         metrics.setdefault("svm_map", {}).setdefault(r.experiment, {}).setdefault(
             r.run_name, {})[f"{r.dataset}_{setting}"] = r.map
+    detect = build_detect_table(rows)
+    atomic_write_text(out_dir / "detect.csv", detect.to_csv(index=False))
+    atomic_write_text(out_dir / "detect.md", to_markdown(detect))
+    for r in detect.itertuples(index=False):
+        metrics.setdefault("detect_ap", {}).setdefault(r.experiment, {}).setdefault(
+            r.run_name, {}).update({f"{r.dataset}_box": r.AP_bb, f"{r.dataset}_mask": r.AP_mk})
     ablations = build_ablation_table(rows, ablation_base) if ablation_base else build_ablation_table([], "")
     atomic_write_text(out_dir / "ablations.csv", ablations.to_csv(index=False))
     atomic_write_text(out_dir / "ablations.md", to_markdown(ablations))

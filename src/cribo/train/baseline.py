@@ -39,7 +39,8 @@ def import_baseline(weights: str | Path, out_dir: str | Path, *, method: str, pr
         model = {"arch": _ARCH_BY_WIDTH.get(width, f"vit_{width}"), "patch_size": backbone.patch_size,
                  "img_size": backbone.default_img_size, "embed_dim": width, "depth": len(net.blocks),
                  "num_heads": net.blocks[0].attn.num_heads}
-    config = {"method": method, "model": model, "data": {"dataset": pretrain}, "baseline": {
+    # "seed": a baseline has none, but run ids of method "random" read it
+    config = {"method": method, "seed": None, "model": model, "data": {"dataset": pretrain}, "baseline": {
         "weights": str(weights), "weights_sha256": file_sha256(weights), "timm_model": timm_model}}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint({"method": method, "config": config, "timm_model": timm_model,

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from cribo.config import provenance
 from cribo.data.segmentation import IMAGENET_MEAN, IMAGENET_STD, load_rgb
 from cribo.data.voc07 import MultiLabelSet
+from cribo.eval.features import _prefetched
 from cribo.eval.svm import global_descriptor, l2_normalise
 
 
@@ -55,7 +56,9 @@ def extract_global(backbone, images: MultiLabelSet, image_size: int, batch_size:
     loader = DataLoader(_SquashedImages(images.image_paths, image_size), batch_size=batch_size,
                         num_workers=num_workers)
     out = []
-    for batch in tqdm(loader, desc="extract global", disable=not progress, file=sys.stdout, mininterval=5):
+    # without worker processes, a thread decodes the next batches while the backbone runs
+    batches = loader if num_workers > 0 else _prefetched(loader)
+    for batch in tqdm(batches, total=len(loader), desc="extract global", disable=not progress, file=sys.stdout, mininterval=5):
         out.append(global_descriptor(backbone, batch.to(device)).float().cpu().numpy())
     return l2_normalise(np.concatenate(out)) if out else np.zeros((0, 0), np.float32)
 

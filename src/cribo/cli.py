@@ -271,6 +271,29 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--experiment", default=None, help="experiment name recorded in the row")
     de.add_argument("--run-name", default=None, help="run name recorded in the row")
 
+    cl = ev_sub.add_parser("classify", help="ImageNet-style classification: linear on frozen features, or semi-supervised "
+                                            "fine-tuning on a subset list (user-provided ImageFolder data)")
+    cl.add_argument("--checkpoint", required=True, help="any format --checkpoint takes")
+    cl.add_argument("--data-root", required=True, help="folder with train/<class>/ and val/<class>/ (ImageNet, Places205, iNat18)")
+    cl.add_argument("--dataset", default="imagenet", help="name recorded in the row (imagenet, places205, inat18)")
+    cl.add_argument("--mode", required=True, choices=["linear", "semi"])
+    cl.add_argument("--subset-list", default=None, help="[semi] file of the labelled training images (1 %% / 10 %% lists)")
+    cl.add_argument("--epochs", type=int, default=None, help="default: linear 28 (ImageNet), semi 20")
+    cl.add_argument("--steps", type=int, nargs="*", default=None, help="epochs where the lr drops (linear 8 16 24, semi 12 16)")
+    cl.add_argument("--lr", type=float, default=None, help="default: linear 0.01; semi one of the grid 0.001/0.01/0.1 (0.01)")
+    cl.add_argument("--head-lr-mult", type=float, default=1.0, help="[semi] head lr multiplier (grid 1/10/100)")
+    cl.add_argument("--weight-decay", type=float, default=None, help="default: linear 1e-4; semi 5e-4 (1 %%) or 1e-4")
+    cl.add_argument("--batch-size", type=int, default=256, help="default 256")
+    cl.add_argument("--image-size", type=int, default=224, help="crop side (default 224)")
+    cl.add_argument("--seed", type=int, default=0)
+    cl.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    cl.add_argument("--num-workers", type=int, default=0)
+    cl.add_argument("--no-progress", action="store_true")
+    cl.add_argument("--timm-model", default=None, help="timm architecture of bare ViT weights")
+    cl.add_argument("--out", required=True, help="output JSON row")
+    cl.add_argument("--experiment", default=None)
+    cl.add_argument("--run-name", default=None)
+
     # ---- figures ----
     fg = sub.add_parser("figures", help="PNG figures: in-context predictions and cross-image object matches")
     fg.add_argument("--checkpoint", required=True, help="checkpoint whose features the stores hold")
@@ -549,6 +572,32 @@ def cmd_detect(args) -> None:
           f"({trained['seconds_per_iteration']:.2f} s/iteration) -> {args.out}")
 
 
+def cmd_classify(args) -> None:
+    from cribo.eval.classification import train_classifier
+    from cribo.eval.protocol import make_row, write_row
+    from cribo.train.checkpoint import file_sha256
+
+    started = time.time()
+    linear = args.mode == "linear"
+    if linear and args.subset_list:
+        raise ValueError("--subset-list belongs to --mode semi (the linear protocol trains on the full train split)")
+    backbone, ckpt, device, _ = _load_eval_backbone(args)
+    result = train_classifier(
+        backbone, args.data_root, mode=args.mode, epochs=args.epochs if args.epochs is not None else (28 if linear else 20),
+        steps=tuple(args.steps if args.steps is not None else ((8, 16, 24) if linear else (12, 16))),
+        lr=args.lr if args.lr is not None else 0.01, gamma=0.1 if linear else 0.2,
+        weight_decay=args.weight_decay if args.weight_decay is not None else 1e-4, batch_size=args.batch_size,
+        head_lr_mult=args.head_lr_mult, subset_list=args.subset_list, image_size=args.image_size, seed=args.seed,
+        device=device, num_workers=args.num_workers, progress=not args.no_progress)
+    result["seed"] = args.seed
+    row = make_row(f"classify_{args.mode}", result, checkpoint=args.checkpoint,
+                   checkpoint_sha256=file_sha256(args.checkpoint), checkpoint_cfg=ckpt.get("config"),
+                   dataset=args.dataset, split="val", class_names=[], experiment=args.experiment,
+                   run_name=args.run_name, started=started)
+    write_row(row, args.out)
+    print(f"{args.mode} classification: top-1 {row['top1']:.2f}, top-5 {row['top5']:.2f} -> {args.out}")
+
+
 def cmd_overcluster(args) -> None:
     from cribo.eval.features import load_store
     from cribo.eval.overclustering import overcluster
@@ -648,6 +697,8 @@ def cmd_eval(args) -> None:
         return cmd_svm(args)
     if args.protocol == "detect":
         return cmd_detect(args)
+    if args.protocol == "classify":
+        return cmd_classify(args)
     if args.protocol == "overcluster":
         return cmd_overcluster(args)
     if args.protocol == "linear":

@@ -187,7 +187,7 @@ def train_detector(model: nn.Module, dataset: CocoInstances, *, iterations: int,
             optimizer.step()
             iteration += 1
             seconds.append(time.perf_counter() - started)
-            losses = {k: float(v) for k, v in loss_dict.items()}
+            losses = {k: float(v.detach()) for k, v in loss_dict.items()}
             bar.update(1)
             if state_path is not None and (iteration % checkpoint_every == 0 or iteration == iterations):
                 _save_state(state_path, model, optimizer, iteration)

@@ -120,3 +120,16 @@ def test_shipped_orl_and_resnet_entries():
     assert len(shipped["svm_lowshot"]) == 8 * 8  # 8 methods x 8 values of k
     resnet = [e for e in shipped["incontext"] if e["arch"] == "resnet50"]
     assert {e["method"] for e in resnet} == {"orl", "slotcon"} and len(resnet) == 24
+
+
+def test_detection_rows_meet_box_and_mask_ap_and_linear_top1():
+    shipped = load_paper_results("config/paper_results.yaml")
+    row = {"protocol": "detect", "experiment": "e", "run_name": "orl", "method": "orl", "arch": "resnet50",
+           "patch_size": 32, "pretrain_data": "coco", "dataset": "instances_val2017", "AP_bb": 40.0, "AP_mk": 36.0}
+    box = paper_table([row], shipped, "detect_box").set_index(["method", "pretrain"])
+    assert box.loc[("orl", "coco"), "paper"] == 40.3 and box.loc[("orl", "coco"), "delta"] == pytest.approx(-0.3)
+    mask = paper_table([row], shipped, "detect_mask").set_index(["method", "pretrain"])
+    assert mask.loc[("orl", "coco"), "paper"] == 36.3 and mask.loc[("orl", "coco"), "delta"] == pytest.approx(-0.3)
+    linear = {**row, "protocol": "classify_linear", "dataset": "imagenet", "top1": 60.0}
+    top1 = paper_table([linear], shipped, "classify_linear").set_index(["method", "pretrain"])
+    assert top1.loc[("orl", "coco"), "paper"] == 59.0 and top1.loc[("orl", "coco"), "delta"] == pytest.approx(1.0)

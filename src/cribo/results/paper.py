@@ -9,7 +9,9 @@ seeds, and outer-joined with the published entries on the same key:
 - a published entry with ``protocol: null`` (the source does not say) matches any linear protocol;
 - an in-context entry with a ``memory_size`` matches only rows with that memory size;
 - the VOC07 SVM protocols report mAP (``map``) instead of mIoU; a low-shot entry matches on ``k`` and
-  the cost selection (``test`` for the published, official numbers);
+  the cost selection (``test`` for the published, official numbers); detection rows are compared
+  twice, box AP (``detect_box``, entries keyed ``AP_bb``) and mask AP (``detect_mask``, ``AP_mk``);
+  linear classification on ``top1``;
 - ``delta`` = ours - paper; a missing side leaves its cells empty.
 
 Published entries that match none of our rows are listed when their dataset is one we evaluated
@@ -26,10 +28,15 @@ import yaml
 
 KEY = ["method", "arch", "patch_size", "pretrain", "dataset"]
 SETTINGS = {"incontext": ["fraction"], "linear": ["protocol"], "finetune": ["decoder"], "overcluster": ["clusters"],
-            "svm": [], "svm_lowshot": ["k", "cost_selection"]}
+            "svm": [], "svm_lowshot": ["k", "cost_selection"], "detect_box": [], "detect_mask": [],
+            "classify_linear": []}
 PROTOCOLS = tuple(SETTINGS)
-# the number each protocol reports: mIoU for the dense protocols, mAP for the VOC07 SVMs
-METRIC = {**{p: "miou" for p in PROTOCOLS}, "svm": "map", "svm_lowshot": "map"}
+# the number each section compares: mIoU for the dense protocols, mAP for the VOC07 SVMs, COCO AP for
+# detection (box and mask from the same rows), top-1 for linear classification
+METRIC = {**{p: "miou" for p in PROTOCOLS}, "svm": "map", "svm_lowshot": "map", "detect_box": "AP_bb",
+          "detect_mask": "AP_mk", "classify_linear": "top1"}
+# the rows a section reads (``protocol`` of the row), when it is not the section's own name
+ROW_PROTOCOL = {"detect_box": "detect", "detect_mask": "detect"}
 _REQUIRED = {"method", "arch", "patch_size", "pretrain", "dataset", "source"}
 
 
@@ -77,7 +84,7 @@ def _our_setting(protocol: str, row: dict) -> dict:
         return {"protocol": row.get("protocol_name")}
     if protocol == "finetune":
         return {"decoder": row.get("decoder")}
-    if protocol == "svm":
+    if not SETTINGS[protocol]:  # svm, detection, linear classification: no setting beyond the key
         return {}
     if protocol == "svm_lowshot":
         return {"k": int(row["k"]), "cost_selection": row.get("cost_selection")}
@@ -89,7 +96,7 @@ def our_results(rows: list[dict], protocol: str) -> pd.DataFrame:
     """Our rows of ``protocol`` grouped by run and setting: mean, sample std and count over seeds."""
     records = []
     for row in rows:
-        if row.get("protocol") != protocol:
+        if row.get("protocol") != ROW_PROTOCOL.get(protocol, protocol):
             continue
         records.append({"run_name": row.get("run_name"), "experiment": row.get("experiment"),
                         **{k: row.get(k) for k in KEY if k != "pretrain"},

@@ -1,5 +1,6 @@
 """Detection / instance segmentation: COCO AP on a known answer, the schedule, a finite toy loss, bad input."""
 
+import copy
 import json
 
 import numpy as np
@@ -111,3 +112,30 @@ def test_detect_rows_become_the_detect_table():
     table = build_detect_table([row, {"protocol": "svm", "map": 1.0}])
     assert len(table) == 1 and table.loc[0, "AP_mk"] == 36.3
     assert "| 40.30 | 60.20 | 44.40 | 36.30 | 57.30 | 38.90 |" in to_markdown(table)
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    data = detection.CocoInstances(_coco_file(tmp_path, size=64), tmp_path)
+    kwargs = dict(batch_size=1, lr=0.001, steps=(), warmup=0, progress=False)
+
+    # 64 px: at batch 1 every BatchNorm still sees more than one value per channel; few proposals and
+    # sampled RoIs: the same code path at a fraction of the CPU time; built once, copied (init is slow)
+    torch.manual_seed(0)
+    initial = detection.build_detector(1, None, min_size=(64,), test_size=64, max_size=128,
+                                       rpn_pre_nms_top_n_train=64, rpn_post_nms_top_n_train=16,
+                                       box_batch_size_per_image=8)
+
+    def fresh():
+        return copy.deepcopy(initial)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bit-identity is a same-thread-count promise (parallel reductions reorder sums)
+    straight = fresh()
+    detection.train_detector(straight, data, iterations=2, **kwargs)
+    resumed, state = fresh(), tmp_path / "row.json.state.pth"
+    detection.train_detector(resumed, data, iterations=1, state_path=state, checkpoint_every=1, **kwargs)
+    again = fresh()  # a new process: the state file carries model, optimizer and iteration
+    detection.train_detector(again, data, iterations=2, state_path=state, checkpoint_every=1, **kwargs)
+    torch.set_num_threads(threads)
+    for (name, a), b in zip(straight.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name

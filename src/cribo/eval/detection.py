@@ -36,16 +36,17 @@ class DetectionDataError(ValueError):
 
 
 def build_detector(num_classes: int, backbone_state: dict | None = None, *, min_size=SHORT_SIDES_1X,
-                   test_size: int = 800, max_size: int = 1333) -> nn.Module:
+                   test_size: int = 800, max_size: int = 1333, **detector_kwargs) -> nn.Module:
     """Mask R-CNN R50-FPN v2 for ``num_classes`` object classes (+ background), randomly
     initialised, then ``backbone_state`` (a torchvision-layout ResNet-50 state dict) loaded strictly
     into its ResNet. ``min_size``: the training short sides (one drawn per batch); ``test_size``
-    is used in eval mode."""
+    is used in eval mode. ``detector_kwargs`` go to torchvision's builder (e.g. fewer RPN proposals
+    for tests)."""
     from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
 
     # without pretrained weights torchvision trains every layer and keeps BatchNorm trainable
     model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=num_classes + 1,
-                                     min_size=min_size, max_size=max_size)
+                                     min_size=min_size, max_size=max_size, **detector_kwargs)
     model.test_size = test_size
     if backbone_state is not None:
         state = {k: v for k, v in backbone_state.items() if not k.startswith("fc.")}

@@ -75,7 +75,9 @@ def test_detector_loads_our_resnet50_and_its_loss_is_finite_on_a_toy_batch(tmp_p
 
     torch.manual_seed(0)
     resnet = build_resnet("resnet50")
-    model = detection.build_detector(1, resnet.state_dict(), min_size=(32,), test_size=32, max_size=64)
+    model = detection.build_detector(1, resnet.state_dict(), min_size=(32,), test_size=32, max_size=64,
+                                     rpn_pre_nms_top_n_train=64, rpn_post_nms_top_n_train=16,
+                                     box_batch_size_per_image=8)
     assert torch.equal(model.backbone.body.layer4[2].conv3.weight, resnet.layer4[2].conv3.weight)
     assert isinstance(model.backbone.body.bn1, torch.nn.BatchNorm2d)  # trainable BN, not frozen
     data = detection.CocoInstances(_coco_file(tmp_path), tmp_path)

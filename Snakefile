@@ -26,6 +26,8 @@ include: "workflow/rules/orl.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/eval.smk"
+include: "workflow/rules/svm.smk"
+include: "workflow/rules/detect.smk"
 include: "workflow/rules/tables.smk"
 
 

@@ -45,10 +45,14 @@ def test_dry_run_plans_every_stage_even_with_committed_tables(tmp_path):
     out = _snakemake(workdir, "-n")
     assert out.returncode == 0, out.stderr
     text = out.stdout + out.stderr
-    # ci.yaml: 4 runs + 1 ablation of cribo; 2 splits each; fractions [1.0 (one seed), 0.25 (two seeds)]
-    # -> 3 rows per run; linear protocols leopart + mmseg -> 2 rows per run; one fine-tuning decoder (mask)
-    for rule, count in (("download_toyscenes", 1), ("run_config", 5), ("pretrain", 5), ("extract", 10),
-                        ("eval_incontext", 15), ("eval_linear", 10), ("eval_finetune", 5), ("table", 1)):
+    # ci.yaml: 4 runs + 1 ablation of cribo, trained, + 1 imported baseline (a random ResNet-50): 6 evaluated;
+    # 2 splits each; fractions [1.0 (one seed), 0.25 (two seeds)] -> 3 rows per run; linear protocols
+    # leopart + mmseg -> 2 rows per run; one fine-tuning decoder (mask); SVM: 2 splits, 1 full + k=2 x
+    # 2 selections per run; detection for the baseline only
+    for rule, count in (("download_toyscenes", 1), ("run_config", 5), ("pretrain", 5), ("init_weights", 1),
+                        ("import_baseline", 1), ("extract", 12), ("eval_incontext", 18), ("eval_linear", 12),
+                        ("eval_finetune", 6), ("extract_global", 12), ("eval_svm", 6), ("eval_svm_lowshot", 12),
+                        ("eval_detect", 1), ("table", 1)):
         assert any(line.split() == [rule, str(count)] for line in text.splitlines()), (rule, text[-2000:])
 
 
@@ -130,8 +134,9 @@ def test_pretraining_on_coco_waits_for_the_coco_images(tmp_path):
 
 
 def test_baseline_weights_enter_the_dag_as_runs(tmp_path):
+    # replaces ci.yaml's baselines (its random ResNet-50, which detection then no longer names)
     workdir = _workdir(tmp_path, baselines={"dino_tiny": {"weights": "weights/dino.pth", "method": "dino",
-                                                          "pretrain": "imagenet"}})
+                                                          "pretrain": "imagenet"}}, evaluate__detect__runs=[])
     (workdir / "weights").mkdir()
     (workdir / "weights" / "dino.pth").write_bytes(b"placeholder: the dry run only plans")
     out = _snakemake(workdir, "-n")

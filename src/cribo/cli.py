@@ -188,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--url", default=None, help="fetch from this URL instead (a mirror, or a local file: URL)")
     ib.add_argument("--summary", default=None, help="also write a JSON summary here (the DAG's completion marker)")
 
+    iw = sub.add_parser("init-weights", help="write randomly initialised ResNet weights (the 'Random' baseline)")
+    iw.add_argument("--arch", default="resnet50", help="resnet_tiny, resnet18, resnet34, resnet50, resnet101, resnet152")
+    iw.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    iw.add_argument("--out", required=True, help="output .pth (torchvision key layout)")
+
     exp = sub.add_parser("export", help="write a slim evaluation checkpoint (teacher backbone, safetensors)")
     exp.add_argument("--checkpoint", required=True, help="training checkpoint (ours or official CrIBo/DINO)")
     exp.add_argument("--out", required=True, help="output file, *.safetensors")
@@ -208,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--shard-images", type=positive_int, default=2048,
                     help="images per resumable shard (default 2048)")
     _add_common_eval(ex)
+
+    eg = sub.add_parser("extract-global",
+                        help="write one L2-normalised descriptor per image with its image-level labels (SVM protocols)")
+    eg.add_argument("--checkpoint", required=True, help="any format --checkpoint takes (ViT or ResNet)")
+    eg.add_argument("--split", required=True, help="split, e.g. trainval or test (voc2007), train or val (toyscenes)")
+    eg.add_argument("--out", required=True, help="output folder (image-level feature store)")
+    _add_common_eval(eg)
 
     # ---- eval ----
     ev = sub.add_parser("eval", help="evaluate a checkpoint with a dense protocol")
@@ -294,6 +306,71 @@ def build_parser() -> argparse.ArgumentParser:
     oc.add_argument("--out", required=True, help="output JSON row ('{clusters}' in it is replaced by each K)")
     oc.add_argument("--experiment", default=None, help="experiment name recorded in the row")
     oc.add_argument("--run-name", default=None, help="run name recorded in the row")
+
+    sv = ev_sub.add_parser("svm", help="VOC07 SVM classification: one linear SVM per class, cost by 3-fold CV AP")
+    sl = ev_sub.add_parser("svm-lowshot", help="VOC07 low-shot SVMs: k positives and 19k negatives per class, 5 samples")
+    for p in (sv, sl):
+        p.add_argument("--checkpoint", required=True, help="checkpoint whose features the stores hold")
+        p.add_argument("--train-features", required=True, help="trainval store (`cribo extract-global`)")
+        p.add_argument("--test-features", required=True, help="test store (`cribo extract-global`)")
+        p.add_argument("--folds", type=int, default=3, help="cross-validation folds of the cost selection (default 3)")
+        p.add_argument("--workers", type=int, default=1, help="processes fitting SVMs in parallel (default 1)")
+        p.add_argument("--out", required=True, help="output JSON row")
+        p.add_argument("--experiment", default=None, help="experiment name recorded in the row")
+        p.add_argument("--run-name", default=None, help="run name recorded in the row")
+    sl.add_argument("--k", type=int, required=True, help="positives per class (the protocol: 1 2 4 8 16 32 64 96)")
+    sl.add_argument("--selection", default="test", choices=["test", "cv"],
+                    help="test: the official cost selection on the test mAP (flagged in the row); "
+                         "cv: each class's cost by cross-validation on its own sample")
+    sl.add_argument("--samples", type=int, default=5, help="random training sets per k (default 5)")
+    sl.add_argument("--seed", type=int, default=0, help="seed of the samples (default 0)")
+
+    de = ev_sub.add_parser("detect", help="COCO detection + instance segmentation: Mask R-CNN R50-FPN v2 (1x) from a ResNet-50")
+    de.add_argument("--checkpoint", required=True, help="a checkpoint holding a ResNet-50 (ours or imported)")
+    de.add_argument("--train-ann", required=True, help="COCO instances JSON of the training split")
+    de.add_argument("--val-ann", required=True, help="COCO instances JSON of the validation split")
+    de.add_argument("--train-images", required=True, help="folder the training file_names are relative to")
+    de.add_argument("--val-images", required=True, help="folder the validation file_names are relative to")
+    de.add_argument("--iterations", type=int, default=90000, help="training iterations (default 90000: 1x)")
+    de.add_argument("--batch-size", type=int, default=16, help="images per iteration (default 16)")
+    de.add_argument("--lr", type=float, default=0.02, help="base learning rate (default 0.02 at batch 16)")
+    de.add_argument("--steps", type=int, nargs="*", default=[60000, 80000], help="iterations where lr /= 10")
+    de.add_argument("--warmup", type=int, default=1000, help="linear warm-up iterations (default 1000)")
+    de.add_argument("--min-size", type=int, nargs="+", default=[640, 672, 704, 736, 768, 800],
+                    help="training short sides, one drawn per batch (default 640-800 step 32)")
+    de.add_argument("--test-size", type=int, default=800, help="test short side (default 800)")
+    de.add_argument("--max-size", type=int, default=1333, help="long-side cap (default 1333)")
+    de.add_argument("--seed", type=int, default=0, help="seed of the heads, data order and scales (default 0)")
+    de.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    de.add_argument("--checkpoint-every", type=int, default=1000,
+                    help="iterations between resumable state saves next to --out (default 1000)")
+    de.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    de.add_argument("--out", required=True, help="output JSON row")
+    de.add_argument("--experiment", default=None, help="experiment name recorded in the row")
+    de.add_argument("--run-name", default=None, help="run name recorded in the row")
+
+    cl = ev_sub.add_parser("classify", help="ImageNet-style classification: linear on frozen features, or semi-supervised "
+                                            "fine-tuning on a subset list (user-provided ImageFolder data)")
+    cl.add_argument("--checkpoint", required=True, help="any format --checkpoint takes")
+    cl.add_argument("--data-root", required=True, help="folder with train/<class>/ and val/<class>/ (ImageNet, Places205, iNat18)")
+    cl.add_argument("--dataset", default="imagenet", help="name recorded in the row (imagenet, places205, inat18)")
+    cl.add_argument("--mode", required=True, choices=["linear", "semi"])
+    cl.add_argument("--subset-list", default=None, help="[semi] file of the labelled training images (1 %% / 10 %% lists)")
+    cl.add_argument("--epochs", type=int, default=None, help="default: linear 28 (ImageNet), semi 20")
+    cl.add_argument("--steps", type=int, nargs="*", default=None, help="epochs where the lr drops (linear 8 16 24, semi 12 16)")
+    cl.add_argument("--lr", type=float, default=None, help="default: linear 0.01; semi one of the grid 0.001/0.01/0.1 (0.01)")
+    cl.add_argument("--head-lr-mult", type=float, default=1.0, help="[semi] head lr multiplier (grid 1/10/100)")
+    cl.add_argument("--weight-decay", type=float, default=None, help="default: linear 1e-4; semi 5e-4 (1 %%) or 1e-4")
+    cl.add_argument("--batch-size", type=int, default=256, help="default 256")
+    cl.add_argument("--image-size", type=int, default=224, help="crop side (default 224)")
+    cl.add_argument("--seed", type=int, default=0)
+    cl.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    cl.add_argument("--num-workers", type=int, default=0)
+    cl.add_argument("--no-progress", action="store_true")
+    cl.add_argument("--timm-model", default=None, help="timm architecture of bare ViT weights")
+    cl.add_argument("--out", required=True, help="output JSON row")
+    cl.add_argument("--experiment", default=None)
+    cl.add_argument("--run-name", default=None)
 
     # ---- figures ----
     fg = sub.add_parser("figures", help="PNG figures: in-context predictions and cross-image object matches")
@@ -505,6 +582,13 @@ def cmd_fetch_checkpoint(args) -> None:
     print(f"{args.name} -> {path}")
 
 
+def cmd_init_weights(args) -> None:
+    from cribo.models.backbones import save_random_resnet
+
+    save_random_resnet(args.arch, args.seed, args.out)
+    print(f"random {args.arch} (seed {args.seed}) -> {args.out}")
+
+
 def cmd_export(args) -> None:
     from cribo.train.export import export_backbone
 
@@ -525,6 +609,116 @@ def cmd_extract(args) -> None:
                     extra_meta={"checkpoint": args.checkpoint, "checkpoint_sha256": file_sha256(args.checkpoint),
                                 "method": ckpt["method"]})
     print(f"features {load_store(args.out).features.shape} written to {args.out}")
+
+
+def cmd_extract_global(args) -> None:
+    from cribo.data.registry import get_spec
+    from cribo.data.voc07 import multilabel_set
+    from cribo.eval.global_features import extract_global, write_global_store
+    from cribo.train.checkpoint import file_sha256
+
+    spec = get_spec(args.dataset, args.data_root)
+    images = multilabel_set(spec, args.data_root, args.split)
+    backbone, ckpt, device, size = _load_eval_backbone(args)
+    features = extract_global(backbone, images, size, args.batch_size, device, args.num_workers,
+                              progress=not args.no_progress)
+    descriptor = "cls+mean_patch" if getattr(backbone, "vit", None) is not None else \
+        f"{getattr(backbone, 'feature_map', 'map')} avg-pooled to 2x2"
+    write_global_store(args.out, features, images, {
+        "dataset": spec.name, "split": args.split, "image_size": size, "descriptor": descriptor,
+        "checkpoint": args.checkpoint, "checkpoint_sha256": file_sha256(args.checkpoint), "method": ckpt["method"]})
+    print(f"image features {features.shape} ({descriptor}) written to {args.out}")
+
+
+def cmd_svm(args) -> None:
+    from cribo.eval.global_features import load_global_store
+    from cribo.eval.protocol import make_row, write_row
+    from cribo.eval.svm import lowshot_benchmark, svm_benchmark
+    from cribo.train.checkpoint import file_sha256, load_checkpoint
+
+    started = time.time()
+    train_x, train_y, train_meta = load_global_store(args.train_features)
+    test_x, test_y, test_meta = load_global_store(args.test_features)
+    if train_meta["dataset"] != test_meta["dataset"] or train_meta["class_names"] != test_meta["class_names"]:
+        raise ValueError(f"{args.train_features} ({train_meta['dataset']}) and {args.test_features} "
+                         f"({test_meta['dataset']}) hold different datasets or classes")
+    if args.protocol == "svm":
+        result = svm_benchmark(train_x, train_y, test_x, test_y, folds=args.folds, workers=args.workers)
+    else:
+        result = lowshot_benchmark(train_x, train_y, test_x, test_y, args.k, args.selection, samples=args.samples,
+                                   seed=args.seed, workers=args.workers)
+    result.update(image_size=test_meta["image_size"], descriptor=test_meta["descriptor"],
+                  feature_dim=int(test_x.shape[1]), train_split=train_meta["split"], seed=getattr(args, "seed", None))
+    ckpt = load_checkpoint(args.checkpoint)
+    row = make_row(args.protocol.replace("-", "_"), result, checkpoint=args.checkpoint,
+                   checkpoint_sha256=file_sha256(args.checkpoint), checkpoint_cfg=ckpt.get("config"),
+                   dataset=test_meta["dataset"], split=test_meta["split"], class_names=test_meta["class_names"],
+                   experiment=args.experiment, run_name=args.run_name, started=started)
+    write_row(row, args.out)
+    extra = f" +- {row['map_std']:.2f} (k={args.k}, cost selected on {args.selection})" if args.protocol != "svm" else ""
+    print(f"{args.protocol} mAP {row['map']:.2f}{extra} -> {args.out}")
+
+
+def cmd_detect(args) -> None:
+    import torch
+
+    from cribo.eval import detection
+    from cribo.eval.protocol import make_row, write_row
+    from cribo.train.checkpoint import file_sha256, load_checkpoint
+    from cribo.train.distributed import pick_device
+
+    started = time.time()
+    ckpt = load_checkpoint(args.checkpoint)
+    state = detection.resnet50_state_from_checkpoint(ckpt, args.checkpoint)
+    train = detection.CocoInstances(args.train_ann, args.train_images, train=True)
+    val = detection.CocoInstances(args.val_ann, args.val_images, train=False)
+    if train.category_ids != val.category_ids:
+        raise ValueError(f"{args.train_ann} and {args.val_ann} have different categories")
+    torch.manual_seed(args.seed)  # the heads' initialisation
+    model = detection.build_detector(len(train.category_ids), state, min_size=tuple(args.min_size),
+                                     test_size=args.test_size, max_size=args.max_size)
+    device = pick_device(args.device)
+    trained = detection.train_detector(model, train, iterations=args.iterations, batch_size=args.batch_size,
+                                       lr=args.lr, steps=tuple(args.steps), warmup=args.warmup, seed=args.seed,
+                                       device=device, state_path=f"{args.out}.state.pth",
+                                       checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
+    metrics = detection.evaluate_detector(model, val, device, progress=not args.no_progress)
+    result = {**metrics, **trained, "batch_size": args.batch_size, "lr": args.lr, "steps": args.steps,
+              "warmup": args.warmup, "min_size": args.min_size, "test_size": args.test_size, "seed": args.seed,
+              "detector": "maskrcnn_resnet50_fpn_v2", "image_size": args.test_size, "device": str(device)}
+    row = make_row("detect", result, checkpoint=args.checkpoint, checkpoint_sha256=file_sha256(args.checkpoint),
+                   checkpoint_cfg=ckpt.get("config"), dataset=Path(args.val_ann).stem, split="val",
+                   class_names=[c["name"] for c in val.coco.loadCats(val.category_ids)],
+                   experiment=args.experiment, run_name=args.run_name, started=started)
+    write_row(row, args.out)
+    print(f"detection: box AP {row['AP_bb']:.2f}, mask AP {row['AP_mk']:.2f} "
+          f"({trained['seconds_per_iteration']:.2f} s/iteration) -> {args.out}")
+
+
+def cmd_classify(args) -> None:
+    from cribo.eval.classification import train_classifier
+    from cribo.eval.protocol import make_row, write_row
+    from cribo.train.checkpoint import file_sha256
+
+    started = time.time()
+    linear = args.mode == "linear"
+    if linear and args.subset_list:
+        raise ValueError("--subset-list belongs to --mode semi (the linear protocol trains on the full train split)")
+    backbone, ckpt, device, _ = _load_eval_backbone(args)
+    result = train_classifier(
+        backbone, args.data_root, mode=args.mode, epochs=args.epochs if args.epochs is not None else (28 if linear else 20),
+        steps=tuple(args.steps if args.steps is not None else ((8, 16, 24) if linear else (12, 16))),
+        lr=args.lr if args.lr is not None else 0.01, gamma=0.1 if linear else 0.2,
+        weight_decay=args.weight_decay if args.weight_decay is not None else 1e-4, batch_size=args.batch_size,
+        head_lr_mult=args.head_lr_mult, subset_list=args.subset_list, image_size=args.image_size, seed=args.seed,
+        device=device, num_workers=args.num_workers, progress=not args.no_progress)
+    result["seed"] = args.seed
+    row = make_row(f"classify_{args.mode}", result, checkpoint=args.checkpoint,
+                   checkpoint_sha256=file_sha256(args.checkpoint), checkpoint_cfg=ckpt.get("config"),
+                   dataset=args.dataset, split="val", class_names=[], experiment=args.experiment,
+                   run_name=args.run_name, started=started)
+    write_row(row, args.out)
+    print(f"{args.mode} classification: top-1 {row['top1']:.2f}, top-5 {row['top5']:.2f} -> {args.out}")
 
 
 def cmd_overcluster(args) -> None:
@@ -644,6 +838,12 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    if args.protocol in ("svm", "svm-lowshot"):
+        return cmd_svm(args)
+    if args.protocol == "detect":
+        return cmd_detect(args)
+    if args.protocol == "classify":
+        return cmd_classify(args)
     if args.protocol == "overcluster":
         return cmd_overcluster(args)
     if args.protocol == "linear":
@@ -710,7 +910,7 @@ def cmd_figures(args) -> None:
     from cribo.data.segmentation import ResizePair, segmentation_dataset
     from cribo.eval import figures
     from cribo.eval.features import check_store_checkpoint, load_store
-    from cribo.models.backbones import ViTPatchFeatures
+    from cribo.models.backbones import PixelPatches
     from cribo.train.checkpoint import file_sha256, load_checkpoint
 
     spec = get_spec(args.dataset, args.data_root)
@@ -734,7 +934,7 @@ def cmd_figures(args) -> None:
                                     title=f"in-context retrieval, k={args.k}, memory: {train.meta['split']}")
     print(f"wrote {path}")
     backbone, ckpt, device, _ = _load_eval_backbone(args)
-    if not isinstance(backbone, ViTPatchFeatures):
+    if isinstance(backbone, PixelPatches):
         print("objects.png skipped: the checkpoint has no network (pixel baseline)")
         return
     cribo_cfg = (ckpt.get("config") or {}).get("cribo", {})
@@ -802,8 +1002,8 @@ def cmd_table(args) -> None:
 
 
 COMMANDS = {"data": cmd_data, "config": cmd_config, "train": cmd_train, "import-baseline": cmd_import_baseline,
-            "fetch-checkpoint": cmd_fetch_checkpoint,
-            "export": cmd_export, "extract": cmd_extract,
+            "fetch-checkpoint": cmd_fetch_checkpoint, "init-weights": cmd_init_weights,
+            "export": cmd_export, "extract": cmd_extract, "extract-global": cmd_extract_global,
             "eval": cmd_eval, "table": cmd_table, "orl": cmd_orl, "curves": cmd_curves, "figures": cmd_figures}
 
 
@@ -830,8 +1030,10 @@ def output_locations(args) -> list[tuple[str, str, str]]:
     if command in ("export", "eval", "curves"):
         found = [("--out", args.out, "file")]
         return found + [("--png", args.png, "file")] if command == "curves" else found
-    if command in ("extract", "table"):
+    if command in ("extract", "extract-global", "table"):
         return [("--out", args.out, "dir")]
+    if command == "init-weights":
+        return [("--out", args.out, "file")]
     if command == "figures":
         return [("--out-dir", args.out_dir, "dir")]
     return []

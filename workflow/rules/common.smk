@@ -63,7 +63,8 @@ LINEAR = EVAL["linear"]
 LINEAR_SIZE = LINEAR["image_size"] or EVAL["image_size"]
 DENSE = EVAL["dense"]
 ABLATION_BASE = (config.get("ablations") or {}).get("base") if (config.get("ablations") or {}).get("grid") else None
-PAPER_PROTOCOLS = ["incontext", "linear", "finetune", "overcluster"]
+PAPER_PROTOCOLS = ["incontext", "linear", "finetune", "overcluster", "svm", "svm_lowshot", "detect_box", "detect_mask",
+                   "classify_linear"]
 FINETUNE = EVAL["finetune"]
 DATA_ID = f"{DATASET}-{short_hash(DATA_ROOT, 6)}"
 # one settings id per protocol: changing one protocol's settings leaves the others' rows valid
@@ -74,6 +75,17 @@ LINEAR_IDS = {
 }
 FINETUNE_ID = f"{DATA_ID}-{DENSE['crop']}px-{short_hash({**{k: v for k, v in FINETUNE.items() if k != 'decoders'}, **DENSE}, 6)}"
 RUN_DIR = "results/{experiment}/{run_id}"
+# VOC07 SVM: its own dataset (voc2007) or the evaluation dataset with labels from the masks
+SVM = EVAL["svm"]
+SVM_DATASET = SVM["dataset"] or DATASET
+if SVM["dataset"] is None:
+    SVM_ROOT = SVM["root"] or DATA_ROOT
+else:  # a prepared dataset (`cribo data prepare voc2007`), resources/<name> unless svm.root says otherwise
+    SVM_ROOT = SVM["root"] or f"resources/{SVM['dataset']}"
+SVM_INPUT = SVM_ROOT if SVM_DATASET == "toyscenes" else f"{SVM_ROOT}/.prepared.json"
+SVM_SIZE = SVM["image_size"] or EVAL["image_size"]
+SVM_FEATURES_ID = f"{SVM_DATASET}-{short_hash(SVM_ROOT, 6)}-{SVM_SIZE}px"
+SVM_ID = f"{SVM_FEATURES_ID}-{short_hash({k: SVM[k] for k in ('folds', 'lowshot_samples')}, 6)}"
 # feature folders: the queries in one plain pass, the memory as the protocol asks
 # ("h": extracted with open-hummingbird-eval's preprocessing, for evaluate.incontext.protocol open-hbird)
 QUERY_PASSES = "x1"
@@ -93,6 +105,8 @@ wildcard_constraints:
     protocol="leopart|mmseg",
     decoder="mask|linear",
     setting="[A-Za-z0-9_.-]+",
+    selection="test|cv",
+    k="[0-9]+",
 
 
 def incontext_rows():
@@ -105,6 +119,36 @@ def overcluster_rows():
     """Every (run, K) row of the overclustering table."""
     return [f"results/{EXPERIMENT}/{rid}/eval/overcluster/{OVERCLUSTER_ID}/k{k}.json"
             for rid in RUN_IDS.values() for k in OVERCLUSTER["clusters"]]
+
+
+DETECT = EVAL["detect"]
+_unknown_detect = [n for n in DETECT["runs"] if n not in RUN_IDS]
+if _unknown_detect:
+    raise ConfigError(f"evaluate.detect.runs names {', '.join(_unknown_detect)}, which are neither runs nor "
+                      f"baselines ({', '.join(RUN_IDS)})")
+DETECT_FILES = {
+    "train_ann": DETECT["train_ann"] or f"{DATA_ROOT}/annotations/instances_train.json",
+    "val_ann": DETECT["val_ann"] or f"{DATA_ROOT}/annotations/instances_val.json",
+    "train_images": DETECT["train_images"] or DATA_ROOT,
+    "val_images": DETECT["val_images"] or DATA_ROOT,
+}
+DETECT_ID = short_hash({**{k: v for k, v in DETECT.items() if k != "runs"}, **DETECT_FILES}, 8)
+
+
+def detect_rows():
+    return [f"results/{EXPERIMENT}/{RUN_IDS[name]}/eval/detect/{DETECT_ID}.json" for name in DETECT["runs"]]
+
+
+def svm_rows():
+    """The full SVM row and every (k, cost selection) low-shot row of every run, when enabled."""
+    if not SVM["enabled"]:
+        return []
+    rows = []
+    for rid in RUN_IDS.values():
+        rows.append(f"results/{EXPERIMENT}/{rid}/eval/svm/{SVM_ID}/full.json")
+        rows += [f"results/{EXPERIMENT}/{rid}/eval/svm/{SVM_ID}/lowshot-k{k}-{sel}.json"
+                 for k in SVM["lowshot_k"] for sel in SVM["lowshot_selection"]]
+    return rows
 
 
 def pretrain_data_input(wildcards):

@@ -3,7 +3,7 @@
 
 rule table:
     input:
-        rows=incontext_rows() + overcluster_rows() + linear_rows() + finetune_rows(),
+        rows=incontext_rows() + overcluster_rows() + linear_rows() + finetune_rows() + svm_rows() + detect_rows(),
         paper="config/paper_results.yaml",
     output:
         csv=report("results/tables/incontext.csv", caption="../report/incontext.rst", category="1. Tables", subcategory="in-context retrieval"),
@@ -14,6 +14,10 @@ rule table:
         lin_md="results/tables/linear.md",
         ft_csv=report("results/tables/finetune.csv", caption="../report/finetune.rst", category="1. Tables", subcategory="fine-tuning"),
         ft_md="results/tables/finetune.md",
+        svm_csv=report("results/tables/svm.csv", caption="../report/svm.rst", category="1. Tables", subcategory="VOC07 SVM"),
+        svm_md="results/tables/svm.md",
+        det_csv=report("results/tables/detect.csv", caption="../report/detect.rst", category="1. Tables", subcategory="detection"),
+        det_md="results/tables/detect.md",
         ab_csv=report("results/tables/ablations.csv", caption="../report/ablations.rst", category="1. Tables", subcategory="ablations"),
         ab_md="results/tables/ablations.md",
         paper_md=expand("results/tables/paper_{protocol}.md", protocol=PAPER_PROTOCOLS),

@@ -7,6 +7,7 @@ Input: each archive of :data:`cribo.data.registry.ARCHIVES` extracted into its o
   the VOC mask where VOC has one and SBD's ``cls/<id>.mat`` (``GTcls.Segmentation``, read with scipy)
   otherwise; ``trainaug`` = (SBD train + SBD val + VOC train) - VOC val. Images and the original
   masks are linked, not copied.
+- ``voc2007``: VOC 2007 trainval + test image-level labels from the annotations (:mod:`cribo.data.voc07`).
 - ``ade20k``: ADEChallengeData2016 as is (linked); images and annotations are checked to pair up.
 - ``coco-stuff15`` / ``coco-things12`` / ``coco-stuff171``: masks written as single-channel PNGs by
   :mod:`cribo.data.coco`, images linked, in the VOC layout (``train`` / ``val`` lists).
@@ -341,11 +342,15 @@ def prepare(name: str, raw: str | Path, out: str | Path, workers: int = 1, progr
         return prepare_voc(raw, out, workers, progress)
     if name == "ade20k":
         return prepare_ade(raw, out, workers, progress)
+    if name == "voc2007":
+        from cribo.data.voc07 import prepare_voc2007
+
+        return prepare_voc2007(raw, out, workers, progress)
     if name in ("coco-stuff15", "coco-things12", "coco-stuff171"):
         return prepare_coco(raw, out, name, workers, progress)
     if name == "coco":
         return prepare_coco_images(raw, out, workers, progress)
     if name == "pascal-context":
         return prepare_pascal_context(raw, out, workers, progress)
-    raise ValueError(f"no prepare step for {name!r}; preparable: voc, ade20k, coco, coco-stuff15, coco-things12, "
+    raise ValueError(f"no prepare step for {name!r}; preparable: voc, voc2007, ade20k, coco, coco-stuff15, coco-things12, "
                      "coco-stuff171, pascal-context (imagenet and cityscapes are user-provided: `cribo data check`)")

@@ -27,7 +27,8 @@ from pathlib import Path
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
-    layout: str  # "voc": JPEGImages/, SegmentationClass[Aug]/, ImageSets/Segmentation/<split>.txt; "ade": as distributed
+    layout: str  # "voc": JPEGImages/, SegmentationClass[Aug]/, ImageSets/Segmentation/<split>.txt; "ade": as distributed;
+    # "voc07cls": image-level labels (cribo.data.voc07)
     num_classes: int
     ignore_index: int
     train_split: str
@@ -70,6 +71,11 @@ ARCHIVES: dict[str, Archive] = {a.name: a for a in (
             "VOCtrainval_11-May-2012.tar", 2 * _GB, "6cd6e144f989b92b3379bac3b3de84fd"),
     Archive("sbd", "http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz",
             "benchmark.tgz", int(1.45 * _GB), "82b4d87ceb2ed10f6038a1cba92111cb"),
+    # VOC 2007 (classification: the SVM and low-shot benchmarks); the host torchvision also uses
+    Archive("voc2007_trainval", "https://thor.robots.ox.ac.uk/pascal/VOC/voc2007/VOCtrainval_06-Nov-2007.tar",
+            "VOCtrainval_06-Nov-2007.tar", int(0.46 * _GB), "c52e279531787c972589f7e41ab4ae64"),
+    Archive("voc2007_test", "https://thor.robots.ox.ac.uk/pascal/VOC/voc2007/VOCtest_06-Nov-2007.tar",
+            "VOCtest_06-Nov-2007.tar", int(0.46 * _GB), "b6e924de25625d8de591ea690078ad9f"),
     Archive("ade20k", "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip",
             "ADEChallengeData2016.zip", int(0.93 * _GB), "7328b3957e407ddae1d3cbf487f149ef"),
     Archive("coco_train2017", "http://images.cocodataset.org/zips/train2017.zip", "train2017.zip",
@@ -98,6 +104,7 @@ _COCO_IMAGES = ("coco_train2017", "coco_val2017")
 # prepared dataset -> archives it is built from
 PREPARED: dict[str, tuple[str, ...]] = {
     "voc": ("voc2012", "sbd"),
+    "voc2007": ("voc2007_trainval", "voc2007_test"),
     "ade20k": ("ade20k",),
     "coco-stuff15": (*_COCO_IMAGES, "coco_stuff_annotations"),
     "coco-things12": (*_COCO_IMAGES, "coco_panoptic_annotations"),
@@ -118,6 +125,8 @@ def _coco_spec(name: str, num_classes: int) -> DatasetSpec:
 _REGISTRY: dict[str, DatasetSpec] = {
     "toyscenes": DatasetSpec("toyscenes", "voc", 9, 255, "train", "val"),
     "voc": DatasetSpec("voc", "voc", 21, 255, "trainaug", "val", VOC_CLASSES),
+    # image-level labels only (cribo.data.voc07): the SVM protocol's trainval / test
+    "voc2007": DatasetSpec("voc2007", "voc07cls", 20, 255, "trainval", "test", VOC_CLASSES[1:]),
     # 151 labels with 0 = "other" ignored: the 150-class mean (Hummingbird / NeCo convention)
     "ade20k": DatasetSpec("ade20k", "ade", 151, 0, "training", "validation"),
     "coco-stuff15": _coco_spec("coco-stuff15", 15),

@@ -2,7 +2,8 @@
 
 A feature store is a folder holding::
 
-    features.npy      I x N x D float16   last-layer patch tokens, N = h*w in row-major grid order
+    features.npy      I x N x D float16   the backbone's spatial map (ViT: last-layer patch tokens; ResNet:
+                                          res5), N = h*w in row-major grid order
     label_counts.npy  I x N x C uint16    per patch, pixels of each class (ignored pixels not counted)
     masks.npy         I x S x S uint8     ground truth resized (nearest) to the evaluation size S
     meta.json         dataset, split, ids, grid, sizes, checkpoint sha256, provenance
@@ -197,6 +198,9 @@ def _store_meta(spec, root, split, dataset: _PassesDataset, image_size: int, bac
     return {
         "dataset": spec.name, "split": split, "root": str(root), "ids": dataset.base.ids,
         "image_size": image_size, "patch_size": backbone.patch_size, "grid": [grid, grid],
+        # the map's stride in pixels (= patch size for a ViT, 32 for a ResNet's res5) and its layer
+        "stride": backbone.patch_size, "feature_map": getattr(backbone, "feature_map", "tokens"),
+        "backbone": type(backbone).__name__,
         "embed_dim": backbone.embed_dim, "num_classes": spec.num_classes,
         "ignore_index": spec.ignore_index, "class_names": list(spec.class_names),
         "passes": dataset.passes, "augment": dataset.augment, "augment_seed": dataset.seed,

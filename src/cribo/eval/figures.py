@@ -94,7 +94,8 @@ def incontext_figure(images: list[np.ndarray], masks: np.ndarray, predictions: n
 def image_objects(backbone, images: torch.Tensor, num_clusters: int, pos_alpha: float, seed: int = 0):
     """Objects of each image: ``(B x h x w`` cluster maps, list of ``K_b x D`` mean tokens, list of cluster ids)``.
 
-    ``backbone``: a :class:`cribo.models.backbones.ViTPatchFeatures` (tokens ``B x h x w x D``).
+    ``backbone``: any :class:`cribo.models.backbones.PatchFeatureExtractor` (a ViT's tokens or a ResNet's
+    res5 map, ``B x h x w x D``).
     """
     tokens = backbone(images).float()  # B x h x w x D
     b, h, w, d = tokens.shape

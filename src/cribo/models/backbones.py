@@ -1,9 +1,11 @@
-"""Backbones: timm Vision Transformers, torchvision ResNets, the raw-pixel baseline, and loading them from checkpoints.
+"""Backbones: timm Vision Transformers, torchvision ResNets, the raw-pixel baseline, and loading
+them from checkpoints.
 
 Every backbone used for evaluation is a :class:`PatchFeatureExtractor`: it maps normalised images
-``B x 3 x H x W`` to last-layer patch tokens ``B x h x w x D`` (``h = H / patch_size``). For a
+``B x 3 x H x W`` to a spatial feature map ``B x h x w x D`` (``h = H / patch_size``). For a
 ViT these are the final block's tokens after the final LayerNorm, [CLS] dropped, as the dense
-protocols prescribe.
+protocols prescribe; for a ResNet the last stage's output (res5, stride 32), channels last. The
+``patch_size`` attribute is the map's stride in pixels, so every dense protocol treats both alike.
 """
 
 from __future__ import annotations
@@ -13,11 +15,9 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from cribo.models.archs import ARCHS  # noqa: F401  (re-exported: callers import it from here)
-
-
-RESNETS = ("resnet18", "resnet50")
 
 
 def build_backbone(model_cfg: dict, drop_path_rate: float | None = None) -> nn.Module:
@@ -27,18 +27,9 @@ def build_backbone(model_cfg: dict, drop_path_rate: float | None = None) -> nn.M
     zero-init of the last BN of each block, as ORL) its globally average-pooled res5 map. Either
     has ``embed_dim`` = D. ``drop_path_rate`` only applies to ViTs.
     """
-    if model_cfg["arch"] in RESNETS:
+    if is_resnet_arch(model_cfg["arch"]):
         return build_resnet(model_cfg["arch"])
     return build_vit(model_cfg, drop_path_rate=drop_path_rate)
-
-
-def build_resnet(arch: str) -> nn.Module:
-    import torchvision
-
-    net = getattr(torchvision.models, arch)(weights=None)
-    net.embed_dim = net.fc.in_features
-    net.fc = nn.Identity()  # no classifier: the pooled res5 vector is the output
-    return net
 
 
 def build_vit(model_cfg: dict, drop_path_rate: float | None = None) -> VisionTransformer:
@@ -62,10 +53,92 @@ def build_vit(model_cfg: dict, drop_path_rate: float | None = None) -> VisionTra
 
 
 class PatchFeatureExtractor(nn.Module):
-    """Interface: ``forward(B x 3 x H x W) -> B x h x w x D`` patch features."""
+    """Interface: ``forward(B x 3 x H x W) -> B x h x w x D`` patch features.
+
+    ``patch_size`` is the stride of the feature map in pixels, ``feature_map`` names the layer the
+    map comes from (recorded in feature stores and rows).
+    """
 
     patch_size: int
     embed_dim: int
+    feature_map: str = "tokens"
+
+
+# torchvision's ResNet layouts: block type and blocks per stage. ``resnet_tiny`` (one basic block per
+# stage, 512-d res5) keeps tests fast on CPU; the others are the standard depths.
+RESNET_ARCHS = {
+    "resnet_tiny": (BasicBlock, [1, 1, 1, 1]),
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+    "resnet101": (Bottleneck, [3, 4, 23, 3]),
+    "resnet152": (Bottleneck, [3, 8, 36, 3]),
+}
+RESNET_STRIDE = 32  # res5: the stem (4) and three stride-2 stages
+
+
+def is_resnet_arch(arch: str | None) -> bool:
+    return arch in RESNET_ARCHS
+
+
+def build_resnet(arch: str = "resnet50", zero_init_residual: bool = False) -> ResNet:
+    """A randomly initialised torchvision ResNet in the torchvision key layout, classifier removed.
+
+    ``fc`` is an identity, so ``model(x)`` gives the globally pooled res5 vector ``B x C`` (2048 for a
+    ResNet-50) and the weights of any torchvision-layout checkpoint (``conv1.*``, ``bn1.*``,
+    ``layer1.*`` ... ``layer4.*``) load into it. Used for evaluation here and meant to be shared with
+    pretraining (BYOL/ORL use a ResNet-50 without zero-initialised residuals, hence the default).
+    """
+    if arch not in RESNET_ARCHS:
+        raise ValueError(f"unknown ResNet arch {arch!r}; known: {', '.join(RESNET_ARCHS)}")
+    block, layers = RESNET_ARCHS[arch]
+    model = ResNet(block, layers, zero_init_residual=zero_init_residual)
+    model.fc = nn.Identity()
+    model.embed_dim = resnet_width(model)  # what the pretraining heads read
+    return model
+
+
+def save_random_resnet(arch: str, seed: int, out) -> None:
+    """Write a randomly initialised ResNet (torchvision layout, no ``fc``) to ``out``, atomically: the
+    "Random" baseline of ORL's tables, imported like any released weights."""
+    import os
+    from pathlib import Path
+
+    torch.manual_seed(seed)
+    state = build_resnet(arch).state_dict()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, out)
+
+
+def resnet_width(resnet: ResNet) -> int:
+    """Channels of res5 (2048 for Bottleneck ResNets, 512 for BasicBlock ones)."""
+    last = resnet.layer4[-1]
+    return (last.bn3 if isinstance(last, Bottleneck) else last.bn2).num_features
+
+
+class ResNetFeatures(PatchFeatureExtractor):
+    """The res5 map of a torchvision ResNet, ``B x 3 x H x W -> B x H/32 x W/32 x C`` (channels last).
+
+    The map is taken before the global pooling, after the last block's ReLU, as SlotCon/ORL-style
+    dense evaluations and the VOC07 SVM's feat5 do.
+    """
+
+    feature_map = "res5"
+
+    def __init__(self, resnet: ResNet, arch: str | None = None):
+        super().__init__()
+        self.resnet, self.arch = resnet, arch
+        self.patch_size = RESNET_STRIDE
+        self.embed_dim = resnet_width(resnet)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        r = self.resnet
+        x = r.maxpool(r.relu(r.bn1(r.conv1(images))))
+        x = r.layer4(r.layer3(r.layer2(r.layer1(x))))
+        return x.permute(0, 2, 3, 1)
 
 
 class ViTPatchFeatures(PatchFeatureExtractor):
@@ -79,22 +152,6 @@ class ViTPatchFeatures(PatchFeatureExtractor):
         b, _, h, w = images.shape
         tokens = self.vit.forward_features(images)[:, self.vit.num_prefix_tokens:]
         return tokens.reshape(b, h // self.patch_size, w // self.patch_size, -1)
-
-
-class ResNetPatchFeatures(PatchFeatureExtractor):
-    """The res5 map of a torchvision ResNet as ``B x H/32 x W/32 x C`` patch features (stride 32)."""
-
-    def __init__(self, resnet: nn.Module):
-        super().__init__()
-        self.resnet = resnet
-        self.patch_size = 32
-        self.embed_dim = resnet.embed_dim
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        r = self.resnet
-        x = r.maxpool(r.relu(r.bn1(r.conv1(images))))
-        x = r.layer4(r.layer3(r.layer2(r.layer1(x))))
-        return x.permute(0, 2, 3, 1)
 
 
 class PixelPatches(PatchFeatureExtractor):
@@ -158,9 +215,10 @@ def backbone_from_checkpoint(ckpt: dict, source: str = "checkpoint", timm_model:
         net = build_backbone(cfg["model"], drop_path_rate=0.0)
         # the network the method evaluates (BYOL/ORL: the online one, stored with DDP's prefix)
         weights = {k.removeprefix("module."): v for k, v in ckpt[ckpt.get("evaluated_network", "teacher")].items()}
-        _load_strict(net, strip_prefix(weights, "backbone."), source, "the config's model")
-        features = ResNetPatchFeatures(net) if cfg["model"]["arch"] in RESNETS else ViTPatchFeatures(net)
-        return _tag(features, cfg["model"]["img_size"], method)
+        weights = {k: v for k, v in strip_prefix(weights, "backbone.").items() if not k.startswith("fc.")}
+        _load_strict(net, weights, source, f"the config's {cfg['model']['arch']}")
+        features = ResNetFeatures(net, cfg["model"]["arch"]) if is_resnet_arch(cfg["model"]["arch"]) else ViTPatchFeatures(net)
+        return _tag(features, cfg["model"].get("img_size"), method)
     meta = ckpt.get("__metadata__") or {}
     state = {k: v for k, v in ckpt.items() if k != "__metadata__"}
     if "cribo_model" in meta:  # cribo export
@@ -181,16 +239,60 @@ def backbone_from_checkpoint(ckpt: dict, source: str = "checkpoint", timm_model:
     state = {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
     if any(k.startswith("backbone.") for k in state):
         state = strip_prefix(state, "backbone.")
+    resnet_prefix = _resnet_prefix(state, source)
+    if resnet_prefix is not None and timm_model is None:
+        resnet, arch = resnet_from_state(strip_prefix(state, resnet_prefix), source)
+        return _tag(ResNetFeatures(resnet, arch), 224, source_method)  # 224: the crop ResNets are trained at
     if timm_model is not None:
         model = _timm_backbone(timm_model, state, source)
         return _tag(model, model.vit.patch_embed.img_size[0], source_method)
     if "pos_embed" not in state or "patch_embed.proj.weight" not in state:
         raise CheckpointError(f"{source}: not a checkpoint we can read: no cribo 'method'/'config' keys, no "
-                              f"'teacher', and no ViT weights (pos_embed, patch_embed.proj.weight) in keys "
+                              f"'teacher', no torchvision-layout ResNet (conv1, layer1..4) and no ViT weights "
+                              f"(pos_embed, patch_embed.proj.weight) in keys "
                               f"{sorted(state)[:8]}; for another timm architecture pass --timm-model NAME")
     vit, img_size = _vit_from_shapes(state, source)
     _load_strict(vit, state, source, "a ViT inferred from its shapes")
     return _tag(ViTPatchFeatures(vit), img_size, source_method)
+
+
+# where the ResNet sits in released checkpoints, preferred first: bare, an extracted backbone, the
+# momentum (key) encoder of MoCo/SlotCon-style releases, then the online (query) one
+_RESNET_PREFIXES = ("", "backbone.", "teacher.", "encoder_k.", "encoder_q.", "encoder.")
+
+
+def _resnet_prefix(state: dict, source: str) -> str | None:
+    """The key prefix under which a torchvision-layout ResNet sits in ``state`` (None: no ResNet)."""
+    marker = "layer1.0.conv1.weight"
+    found = [k[: -len(marker)] for k in state if k.endswith(marker) and f"{k[: -len(marker)]}conv1.weight" in state]
+    if not found:
+        return None
+    for prefix in _RESNET_PREFIXES:
+        if prefix in found:
+            return prefix
+    if len(found) > 1:
+        raise CheckpointError(f"{source}: several ResNets in one file (key prefixes {sorted(found)}); "
+                              "extract the backbone you want into a file of its own")
+    return found[0]
+
+
+def resnet_from_state(state: dict, source: str = "state dict") -> tuple[ResNet, str]:
+    """A torchvision ResNet holding ``state`` (torchvision key layout, ``fc.*`` ignored), and its arch name.
+
+    The depth is read from the blocks per stage and the block type (``conv3`` present: Bottleneck).
+    """
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    bottleneck = "layer1.0.conv3.weight" in state
+    layers = [1 + max((int(k.split(".")[1]) for k in state if k.startswith(f"layer{i}.")), default=-1)
+              for i in range(1, 5)]
+    arch = next((name for name, (block, blocks) in RESNET_ARCHS.items()
+                 if blocks == layers and (block is Bottleneck) == bottleneck), None)
+    if arch is None:
+        raise CheckpointError(f"{source}: a ResNet with {layers} {'bottleneck' if bottleneck else 'basic'} blocks "
+                              f"per stage is none of {', '.join(RESNET_ARCHS)}")
+    resnet = build_resnet(arch)
+    _load_strict(resnet, state, source, f"a torchvision {arch}")
+    return resnet, arch
 
 
 def _tag(model: PatchFeatureExtractor, img_size: int | None, method: str) -> PatchFeatureExtractor:

@@ -8,6 +8,10 @@ seeds, and outer-joined with the published entries on the same key:
 
 - a published entry with ``protocol: null`` (the source does not say) matches any linear protocol;
 - an in-context entry with a ``memory_size`` matches only rows with that memory size;
+- the VOC07 SVM protocols report mAP (``map``) instead of mIoU; a low-shot entry matches on ``k`` and
+  the cost selection (``test`` for the published, official numbers); detection rows are compared
+  twice, box AP (``detect_box``, entries keyed ``AP_bb``) and mask AP (``detect_mask``, ``AP_mk``);
+  linear classification on ``top1``;
 - ``delta`` = ours - paper; a missing side leaves its cells empty.
 
 Published entries that match none of our rows are listed when their dataset is one we evaluated
@@ -23,9 +27,17 @@ import pandas as pd
 import yaml
 
 KEY = ["method", "arch", "patch_size", "pretrain", "dataset"]
-SETTINGS = {"incontext": ["fraction"], "linear": ["protocol"], "finetune": ["decoder"], "overcluster": ["clusters"]}
+SETTINGS = {"incontext": ["fraction"], "linear": ["protocol"], "finetune": ["decoder"], "overcluster": ["clusters"],
+            "svm": [], "svm_lowshot": ["k", "cost_selection"], "detect_box": [], "detect_mask": [],
+            "classify_linear": []}
 PROTOCOLS = tuple(SETTINGS)
-_REQUIRED = {"method", "arch", "patch_size", "pretrain", "dataset", "miou", "source"}
+# the number each section compares: mIoU for the dense protocols, mAP for the VOC07 SVMs, COCO AP for
+# detection (box and mask from the same rows), top-1 for linear classification
+METRIC = {**{p: "miou" for p in PROTOCOLS}, "svm": "map", "svm_lowshot": "map", "detect_box": "AP_bb",
+          "detect_mask": "AP_mk", "classify_linear": "top1"}
+# the rows a section reads (``protocol`` of the row), when it is not the section's own name
+ROW_PROTOCOL = {"detect_box": "detect", "detect_mask": "detect"}
+_REQUIRED = {"method", "arch", "patch_size", "pretrain", "dataset", "source"}
 CONFIDENCES = ("verified", "table", "figure")
 # The ``published`` section (every number of the research file, see tools/published_numbers.py)
 PUBLISHED_REQUIRED = {"ref", "label", "method", "arch", "patch_size", "pretrain", "epochs", "protocol", "evaluator",
@@ -63,13 +75,15 @@ def load_paper_results(path: str | Path) -> dict:
         data[protocol] = entries
         for i, entry in enumerate(entries):
             where = f"{path}: {protocol}[{i}]"
-            missing = sorted((_REQUIRED | set(SETTINGS[protocol])) - set(entry) - ({"protocol"} if protocol == "linear" else set()))
+            metric = METRIC[protocol]
+            required = _REQUIRED | {metric} | set(SETTINGS[protocol])
+            missing = sorted(required - set(entry) - ({"protocol"} if protocol == "linear" else set()))
             if missing:
                 raise PaperResultsError(f"{where} lacks {', '.join(missing)}")
             if entry["source"] not in sources:
                 raise PaperResultsError(f"{where}: source {entry['source']!r} is not under 'sources'")
-            if not isinstance(entry["miou"], (int, float)) or not 0 <= entry["miou"] <= 100:
-                raise PaperResultsError(f"{where}: miou must be a number in [0, 100], got {entry['miou']!r}")
+            if not isinstance(entry[metric], (int, float)) or not 0 <= entry[metric] <= 100:
+                raise PaperResultsError(f"{where}: {metric} must be a number in [0, 100], got {entry[metric]!r}")
     return data
 
 
@@ -116,6 +130,10 @@ def _our_setting(protocol: str, row: dict) -> dict:
         return {"protocol": row.get("protocol_name")}
     if protocol == "finetune":
         return {"decoder": row.get("decoder")}
+    if not SETTINGS[protocol]:  # svm, detection, linear classification: no setting beyond the key
+        return {}
+    if protocol == "svm_lowshot":
+        return {"k": int(row["k"]), "cost_selection": row.get("cost_selection")}
     clusters = "classes" if row.get("matching") == "hungarian" else int(row["clusters"])
     return {"clusters": clusters}
 
@@ -124,14 +142,12 @@ def our_results(rows: list[dict], protocol: str) -> pd.DataFrame:
     """Our rows of ``protocol`` grouped by run and setting: mean, sample std and count over seeds."""
     records = []
     for row in rows:
-        if row.get("protocol") != protocol:
+        if row.get("protocol") != ROW_PROTOCOL.get(protocol, protocol):
             continue
         records.append({"run_name": row.get("run_name"), "experiment": row.get("experiment"),
                         **{k: row.get(k) for k in KEY if k != "pretrain"},
                         "pretrain": row.get("pretrain_data"), **_our_setting(protocol, row),
-                        "miou": float(row["miou"]),
-                        "spread": float(row["miou_std"]) if protocol == "overcluster" else np.nan,
-                        "n": len(row.get("seeds") or [0]) if protocol == "overcluster" else 1})
+                        "miou": float(row[METRIC[protocol]]), **_spread(protocol, row)})
     columns = ["experiment", "run_name", *KEY, *SETTINGS[protocol]] + (
         ["memory_size", "incontext_protocol"] if protocol == "incontext" else [])
     if not records:
@@ -149,6 +165,15 @@ def our_results(rows: list[dict], protocol: str) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def _spread(protocol: str, row: dict) -> dict:
+    """The spread a single row already holds: over k-means seeds (overclustering) or low-shot samples."""
+    if protocol == "overcluster":
+        return {"spread": float(row["miou_std"]), "n": len(row.get("seeds") or [0])}
+    if protocol == "svm_lowshot":
+        return {"spread": float(row["map_std"]), "n": int(row["samples"])}
+    return {"spread": np.nan, "n": 1}
+
+
 def _matches(entry: dict, ours: dict, protocol: str) -> bool:
     if any(entry[k] != ours[k] for k in KEY):
         return False
@@ -158,8 +183,7 @@ def _matches(entry: dict, ours: dict, protocol: str) -> bool:
         return entry.get("memory_size") is None or entry["memory_size"] == ours.get("memory_size")
     if protocol == "linear":
         return entry.get("protocol") is None or entry["protocol"] == ours["protocol"]
-    setting = SETTINGS[protocol][0]
-    return entry[setting] == ours[setting]
+    return all(entry[setting] == ours[setting] for setting in SETTINGS[protocol])
 
 
 def paper_table(rows: list[dict], paper: dict, protocol: str, all_paper: bool = False) -> pd.DataFrame:
@@ -176,7 +200,7 @@ def paper_table(rows: list[dict], paper: dict, protocol: str, all_paper: bool = 
             entry = entries[i] if i is not None else {}
             lines.append({**{k: record[k] for k in ["experiment", "run_name", *KEY, *settings]},
                           "ours": record["ours"], "ours_std": record["ours_std"], "seeds": record["seeds"],
-                          "paper": entry.get("miou"), "source": entry.get("source"),
+                          "paper": entry.get(METRIC[protocol]), "source": entry.get("source"),
                           "confidence": sources[entry["source"]]["confidence"] if entry else None})
     datasets = set(ours["dataset"]) if len(ours) else set()
     for i, entry in enumerate(entries):
@@ -184,7 +208,7 @@ def paper_table(rows: list[dict], paper: dict, protocol: str, all_paper: bool = 
             continue
         lines.append({"experiment": None, "run_name": None, **{k: entry[k] for k in KEY},
                       **{k: entry.get(k) for k in settings}, "ours": None, "ours_std": None, "seeds": None,
-                      "paper": entry["miou"], "source": entry["source"],
+                      "paper": entry[METRIC[protocol]], "source": entry["source"],
                       "confidence": sources[entry["source"]]["confidence"]})
     columns = ["experiment", "run_name", *KEY, *settings, "ours", "ours_std", "seeds", "paper", "delta", "source",
                "confidence"]
@@ -195,7 +219,7 @@ def paper_table(rows: list[dict], paper: dict, protocol: str, all_paper: bool = 
     table["paper"] = pd.to_numeric(table["paper"])
     table["delta"] = table["ours"] - table["paper"]
     table = table[columns]
-    order = ["dataset", *SETTINGS[protocol], "method", "arch"]
+    order = ["dataset", *SETTINGS[protocol], "method", "pretrain", "arch"]
     table = table.sort_values(order, key=lambda s: s.astype(str), kind="stable").reset_index(drop=True)
     return table.round({"ours": 2, "ours_std": 2, "delta": 2})
 

@@ -6,7 +6,8 @@ and the number of seeds. The same frame is written as CSV (for programs) and Mar
 people), plus a flat ``metrics.json`` that DVC compares across experiments. Overclustering rows
 (``build_overcluster_table``) become ``overcluster.{csv,md}``, one line per (run, K), and linear-probe
 rows (``build_linear_table``) ``linear.{csv,md}``, fine-tuning rows (``build_finetune_table``)
-``finetune.{csv,md}``.
+``finetune.{csv,md}``, VOC07 SVM and low-shot rows (``build_svm_table``) ``svm.{csv,md}``, detection rows
+(``build_detect_table``) ``detect.{csv,md}``.
 """
 
 from __future__ import annotations
@@ -116,7 +117,47 @@ def _segmentation_table(rows: list[dict], protocol: str, settings: list[str]) ->
     return table.round({"miou": 2, "pixel_accuracy": 2})
 
 
-METRIC_COLUMNS = {"ours", "paper", "delta", "base", "change"}
+SVM_COLUMNS = ["experiment", "run_name", "run_id", "method", "arch", "dataset", "protocol", "k", "cost_selection",
+               "selects_on_test", "samples", "image_size", "feature_dim"]
+
+
+def build_svm_table(rows: list[dict]) -> pd.DataFrame:
+    """VOC07 SVM rows (``k`` empty) and low-shot rows (one per k and cost selection): mAP, and for
+    low-shot its sample standard deviation over the random training sets."""
+    rows = [r for r in rows if r.get("protocol") in ("svm", "svm_lowshot")]
+    columns = SVM_COLUMNS + ["map", "map_std"]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    frame = pd.DataFrame(rows)
+    for col in columns:
+        if col not in frame:
+            frame[col] = None
+    frame["k"] = frame["k"].astype("Int64")
+    table = frame[columns].sort_values(["experiment", "run_name", "dataset", "protocol", "k", "cost_selection"],
+                                       na_position="first").reset_index(drop=True)
+    return table.round({"map": 2, "map_std": 2})
+
+
+DETECT_COLUMNS = ["experiment", "run_name", "run_id", "method", "arch", "pretrain_data", "dataset", "iterations",
+                  "batch_size", "test_size"]
+DETECT_METRICS = ["AP_bb", "AP50_bb", "AP75_bb", "AP_mk", "AP50_mk", "AP75_mk"]
+
+
+def build_detect_table(rows: list[dict]) -> pd.DataFrame:
+    """Detection rows: box and mask AP / AP50 / AP75 (%) with the schedule run and seconds per iteration."""
+    rows = [r for r in rows if r.get("protocol") == "detect"]
+    columns = DETECT_COLUMNS + DETECT_METRICS + ["seconds_per_iteration"]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    frame = pd.DataFrame(rows)
+    for col in columns:
+        if col not in frame:
+            frame[col] = None
+    table = frame[columns].sort_values(["experiment", "run_name", "dataset"]).reset_index(drop=True)
+    return table.round({**{m: 2 for m in DETECT_METRICS}, "seconds_per_iteration": 3})
+
+
+METRIC_COLUMNS = {"ours", "paper", "delta", "base", "change", "map", *DETECT_METRICS}
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -158,10 +199,15 @@ def run_metrics(rows: list[dict]) -> pd.DataFrame:
             metric = f"linear {r['dataset']} {r.get('protocol_name')}"
         elif protocol == "finetune":
             metric = f"finetune {r['dataset']} {r.get('decoder')}"
+        elif protocol == "svm":
+            metric = f"svm {r['dataset']} mAP"
+        elif protocol == "svm_lowshot":
+            metric = f"svm {r['dataset']} k={r['k']} {r['cost_selection']} mAP"
         else:
             continue
+        value = r["map"] if protocol.startswith("svm") else r["miou"]
         records.append({"experiment": r.get("experiment"), "run_name": r.get("run_name"), "metric": metric,
-                        "value": float(r["miou"])})
+                        "value": float(value)})
     if not records:
         return pd.DataFrame(columns=["experiment", "run_name", "metric", "value"])
     frame = pd.DataFrame(records)
@@ -217,6 +263,19 @@ def write_tables(row_paths: list[str | Path], out_dir: str | Path, ablation_base
     for r in overclusters.itertuples(index=False):
         metrics.setdefault("overcluster_miou", {}).setdefault(r.experiment, {}).setdefault(
             r.run_name, {})[f"{r.dataset}_k{r.clusters}"] = r.miou
+    svm_table = build_svm_table(rows)
+    atomic_write_text(out_dir / "svm.csv", svm_table.to_csv(index=False))
+    atomic_write_text(out_dir / "svm.md", to_markdown(svm_table))
+    for r in svm_table.itertuples(index=False):
+        setting = "full" if r.protocol == "svm" else f"k{r.k}_{r.cost_selection}"
+        metrics.setdefault("svm_map", {}).setdefault(r.experiment, {}).setdefault(
+            r.run_name, {})[f"{r.dataset}_{setting}"] = r.map
+    detect = build_detect_table(rows)
+    atomic_write_text(out_dir / "detect.csv", detect.to_csv(index=False))
+    atomic_write_text(out_dir / "detect.md", to_markdown(detect))
+    for r in detect.itertuples(index=False):
+        metrics.setdefault("detect_ap", {}).setdefault(r.experiment, {}).setdefault(
+            r.run_name, {}).update({f"{r.dataset}_box": r.AP_bb, f"{r.dataset}_mask": r.AP_mk})
     ablations = build_ablation_table(rows, ablation_base) if ablation_base else build_ablation_table([], "")
     atomic_write_text(out_dir / "ablations.csv", ablations.to_csv(index=False))
     atomic_write_text(out_dir / "ablations.md", to_markdown(ablations))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from cribo.models.backbones import ARCHS, backbone_from_checkpoint
+from cribo.models.backbones import ARCHS, ResNetFeatures, backbone_from_checkpoint
 from cribo.train.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 
 _ARCH_BY_WIDTH = {spec["embed_dim"]: name for name, spec in ARCHS.items()}
@@ -26,18 +26,25 @@ def import_baseline(weights: str | Path, out_dir: str | Path, *, method: str, pr
     if not weights.is_file():
         raise FileNotFoundError(f"baseline weights not found: {weights} (download them and set baselines.<name>.weights)")
     backbone = backbone_from_checkpoint(load_checkpoint(weights), str(weights), timm_model=timm_model)
-    vit = getattr(backbone, "vit", None)
-    if vit is None:
-        raise ValueError(f"{weights}: a baseline must be a ViT backbone")
-    width = vit.embed_dim
-    model = {"arch": _ARCH_BY_WIDTH.get(width, f"vit_{width}"), "patch_size": backbone.patch_size,
-             "img_size": backbone.default_img_size, "embed_dim": width, "depth": len(vit.blocks),
-             "num_heads": vit.blocks[0].attn.num_heads}
-    config = {"method": method, "model": model, "data": {"dataset": pretrain}, "baseline": {
+    if isinstance(backbone, ResNetFeatures):  # torchvision layout (ORL, SlotCon, MoCo, torchvision releases)
+        net = backbone.resnet
+        # patch_size = the stride of the res5 map: what the dense protocols and the paper tables key on
+        model = {"arch": backbone.arch, "patch_size": backbone.patch_size, "img_size": backbone.default_img_size,
+                 "embed_dim": backbone.embed_dim}
+    else:
+        net = getattr(backbone, "vit", None)
+        if net is None:
+            raise ValueError(f"{weights}: a baseline must be a ViT or a torchvision-layout ResNet backbone")
+        width = net.embed_dim
+        model = {"arch": _ARCH_BY_WIDTH.get(width, f"vit_{width}"), "patch_size": backbone.patch_size,
+                 "img_size": backbone.default_img_size, "embed_dim": width, "depth": len(net.blocks),
+                 "num_heads": net.blocks[0].attn.num_heads}
+    # "seed": a baseline has none, but run ids of method "random" read it
+    config = {"method": method, "seed": None, "model": model, "data": {"dataset": pretrain}, "baseline": {
         "weights": str(weights), "weights_sha256": file_sha256(weights), "timm_model": timm_model}}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint({"method": method, "config": config, "timm_model": timm_model,
-                     "teacher": {f"backbone.{k}": v for k, v in vit.state_dict().items()}},
+                     "teacher": {f"backbone.{k}": v for k, v in net.state_dict().items()}},
                     out_dir / "checkpoint.pth")
     return {"method": method, "baseline": True, "checkpoint": str(out_dir / "checkpoint.pth"),
             "weights_sha256": config["baseline"]["weights_sha256"], "wall_time_s": round(time.time() - started, 1)}

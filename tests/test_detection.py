@@ -1,0 +1,143 @@
+"""Detection / instance segmentation: COCO AP on a known answer, the schedule, a finite toy loss, bad input."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cribo.eval import detection
+
+
+def _coco_file(tmp_path, size=32):
+    """One image with one 10 x 10 square object (category 7) at rows/cols 10..19."""
+    from pycocotools import mask as mask_utils
+
+    (tmp_path / "JPEGImages").mkdir(exist_ok=True)
+    image = np.full((size, size, 3), 40, np.uint8)
+    image[10:20, 10:20] = (220, 30, 30)
+    Image.fromarray(image).save(tmp_path / "JPEGImages" / "a.jpg")
+    mask = np.zeros((size, size), np.uint8)
+    mask[10:20, 10:20] = 1
+    rle = mask_utils.encode(np.asfortranarray(mask))
+    rle["counts"] = rle["counts"].decode("ascii")
+    data = {"images": [{"id": 1, "file_name": "JPEGImages/a.jpg", "width": size, "height": size}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "iscrowd": 0, "segmentation": rle,
+                             "area": 100.0, "bbox": [10.0, 10.0, 10.0, 10.0]}],
+            "categories": [{"id": 7, "name": "square"}]}
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _rle(mask):
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def test_mask_ap_on_a_toy_image_with_a_known_answer(tmp_path):
+    data = detection.CocoInstances(_coco_file(tmp_path), tmp_path, train=False)
+    exact = np.zeros((32, 32), np.uint8)
+    exact[10:20, 10:20] = 1
+    result = detection.coco_ap(data.coco, [{"image_id": 1, "category_id": 7, "score": 0.9,
+                                            "segmentation": _rle(exact)}], "segm")
+    assert result == pytest.approx({"AP": 100.0, "AP50": 100.0, "AP75": 100.0})
+    # an 8 x 8 mask inside the 10 x 10 object: IoU 64 / 100 = 0.64, a hit at IoU thresholds
+    # 0.50, 0.55, 0.60 and a miss at 0.65 ... 0.95 -> AP = 3 / 10 of the thresholds = 30, AP50 100, AP75 0
+    inner = np.zeros((32, 32), np.uint8)
+    inner[11:19, 11:19] = 1
+    result = detection.coco_ap(data.coco, [{"image_id": 1, "category_id": 7, "score": 0.9,
+                                            "segmentation": _rle(inner)}], "segm")
+    assert result == pytest.approx({"AP": 30.0, "AP50": 100.0, "AP75": 0.0})
+    # the same for boxes: [11, 11, 8, 8] inside [10, 10, 10, 10]
+    boxes = detection.coco_ap(data.coco, [{"image_id": 1, "category_id": 7, "score": 0.9,
+                                           "bbox": [11.0, 11.0, 8.0, 8.0]}], "bbox")
+    assert boxes == pytest.approx({"AP": 30.0, "AP50": 100.0, "AP75": 0.0})
+    assert detection.coco_ap(data.coco, [], "segm") == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+
+
+def test_one_x_schedule_warmup_and_steps():
+    assert detection.lr_at(0, 0.02, (60000, 80000), 1000) == pytest.approx(0.02 * 1e-3)
+    assert detection.lr_at(500, 0.02, (60000, 80000), 1000) == pytest.approx(0.02 * (1e-3 * 0.5 + 0.5))
+    assert detection.lr_at(1000, 0.02, (60000, 80000), 1000) == pytest.approx(0.02)
+    assert detection.lr_at(60000, 0.02, (60000, 80000), 1000) == pytest.approx(0.002)
+    assert detection.lr_at(89999, 0.02, (60000, 80000), 1000) == pytest.approx(0.0002)
+    assert detection.SHORT_SIDES_1X == (640, 672, 704, 736, 768, 800)
+
+
+def test_detector_loads_our_resnet50_and_its_loss_is_finite_on_a_toy_batch(tmp_path):
+    from cribo.models.backbones import build_resnet
+
+    torch.manual_seed(0)
+    resnet = build_resnet("resnet50")
+    model = detection.build_detector(1, resnet.state_dict(), min_size=(32,), test_size=32, max_size=64,
+                                     rpn_pre_nms_top_n_train=64, rpn_post_nms_top_n_train=16,
+                                     box_batch_size_per_image=8)
+    assert torch.equal(model.backbone.body.layer4[2].conv3.weight, resnet.layer4[2].conv3.weight)
+    assert isinstance(model.backbone.body.bn1, torch.nn.BatchNorm2d)  # trainable BN, not frozen
+    data = detection.CocoInstances(_coco_file(tmp_path), tmp_path)
+    image, target = data[0]
+    assert target["labels"].tolist() == [1] and target["boxes"].tolist() == [[10.0, 10.0, 20.0, 20.0]]
+    assert target["masks"].shape == (1, 32, 32) and int(target["masks"].sum()) == 100
+    model.train()
+    losses = model([image, image], [target, target])
+    assert {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_a_checkpoint_without_a_resnet50_is_refused(tmp_path):
+    from cribo.config import validate_run_config
+    from cribo.models.backbones import build_resnet, build_vit
+
+    cfg = validate_run_config({"method": "dino", "model": {"arch": "vit_tiny", "patch_size": 8, "img_size": 32,
+                                                           "depth": 1}})
+    vit = build_vit(cfg["model"], drop_path_rate=0.0)
+    ckpt = {"method": "dino", "config": cfg, "teacher": {f"backbone.{k}": v for k, v in vit.state_dict().items()}}
+    with pytest.raises(detection.DetectionDataError, match="needs a ResNet-50 backbone.*ViTPatchFeatures"):
+        detection.resnet50_state_from_checkpoint(ckpt, "dino.pth")
+    with pytest.raises(detection.DetectionDataError, match="holds resnet_tiny"):
+        detection.resnet50_state_from_checkpoint(build_resnet("resnet_tiny").state_dict(), "tiny.pth")
+
+
+def test_detect_rows_become_the_detect_table():
+    from cribo.results.tables import build_detect_table, to_markdown
+
+    row = {"protocol": "detect", "experiment": "e", "run_name": "orl", "method": "orl", "arch": "resnet50",
+           "dataset": "instances_val2017", "iterations": 90000, "batch_size": 16, "test_size": 800,
+           "AP_bb": 40.3, "AP50_bb": 60.2, "AP75_bb": 44.4, "AP_mk": 36.3, "AP50_mk": 57.3, "AP75_mk": 38.9,
+           "seconds_per_iteration": 0.5}
+    table = build_detect_table([row, {"protocol": "svm", "map": 1.0}])
+    assert len(table) == 1 and table.loc[0, "AP_mk"] == 36.3
+    assert "| 40.30 | 60.20 | 44.40 | 36.30 | 57.30 | 38.90 |" in to_markdown(table)
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    data = detection.CocoInstances(_coco_file(tmp_path, size=64), tmp_path)
+    kwargs = dict(batch_size=1, lr=0.001, steps=(), warmup=0, progress=False)
+
+    # 64 px: at batch 1 every BatchNorm still sees more than one value per channel; few proposals and
+    # sampled RoIs: the same code path at a fraction of the CPU time; built once, copied (init is slow)
+    torch.manual_seed(0)
+    initial = detection.build_detector(1, None, min_size=(64,), test_size=64, max_size=128,
+                                       rpn_pre_nms_top_n_train=64, rpn_post_nms_top_n_train=16,
+                                       box_batch_size_per_image=8)
+
+    def fresh():
+        return copy.deepcopy(initial)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bit-identity is a same-thread-count promise (parallel reductions reorder sums)
+    straight = fresh()
+    detection.train_detector(straight, data, iterations=2, **kwargs)
+    resumed, state = fresh(), tmp_path / "row.json.state.pth"
+    detection.train_detector(resumed, data, iterations=1, state_path=state, checkpoint_every=1, **kwargs)
+    again = fresh()  # a new process: the state file carries model, optimizer and iteration
+    detection.train_detector(again, data, iterations=2, state_path=state, checkpoint_every=1, **kwargs)
+    torch.set_num_threads(threads)
+    for (name, a), b in zip(straight.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -17,7 +17,8 @@ Modes:
   its learning rate and teacher momentum had not annealed, so it is not what a run of that length gives.
 
 Training: each run is a ``cribo train`` process (``train.threads=1``, ``OMP_NUM_THREADS=1``), ``--parallel`` of
-them side by side, the runs of one budget together, because small models scale badly across threads. The
+them side by side (queued budget by budget, so the runs of a budget train together), because small models scale
+badly across threads; ``--dry-run`` prints the trainings and their folders. The
 minutes are the sum of the runs' own ``epoch_seconds`` (``log.txt``): time inside the training loop, measured
 while ``--parallel`` runs shared the machine (process start-up and checkpoint writes are left out).
 
@@ -108,6 +109,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--floors", action="store_true",
                         help="also evaluate the config's random and pixels runs (horizontal lines in the PNG)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny generated toy, tiny ViT, 1-2 epochs")
+    parser.add_argument("--dry-run", action="store_true", help="print the trainings (run ids, folders) and stop")
     parser.add_argument("--out-dir", default=None, help="CSV, PNG and JSON (default benchmarks/results)")
     parser.add_argument("--work-dir", default=None, help="trainings and rows (default results/learning_curve)")
     args = parser.parse_args(argv)
@@ -138,22 +140,24 @@ def load_workflow_config(path: str | Path) -> dict:
     return cfg
 
 
-def prepare_data(workflow_cfg: dict, run_cfgs: dict[str, dict], work_dir: Path, quick: bool) -> str:
-    """The dataset root the runs read: the quick toy, the config's generated toy (made if missing) or a prepared one."""
+def data_root(workflow_cfg: dict, run_cfgs: dict[str, dict], work_dir: Path, quick: bool) -> Path:
+    """The dataset folder the runs read: the quick toy, or the one the workflow config points at."""
+    return work_dir / "quick-toyscenes" if quick else Path(next(iter(run_cfgs.values()))["data"]["root"])
+
+
+def prepare_data(workflow_cfg: dict, root: Path, quick: bool) -> None:
+    """Generate the toy if it is missing (the generator is deterministic); a real dataset must be prepared."""
     from cribo.data.toyscenes import generate
 
     ds = workflow_cfg["dataset"]
     if quick:
-        root = generate(work_dir / "quick-toyscenes", workers=1, progress=False, **QUICK_TOY)
-    else:
-        root = Path(next(iter(run_cfgs.values()))["data"]["root"])
-        if ds["name"] == "toyscenes" and not root.exists():
-            print(f"generating the config's toy scenes into {root}", flush=True)
-            generate(root, progress=False, **ds.get("toyscenes", {}))
-        elif not root.exists():
-            raise FileNotFoundError(f"dataset folder {root} of {ds['name']} does not exist; prepare it first "
-                                    f"(snakemake --cores 2 {root}/.prepared.json)")
-    return str(root)
+        generate(root, workers=1, progress=False, **QUICK_TOY)
+    elif ds["name"] == "toyscenes" and not root.exists():
+        print(f"generating the config's toy scenes into {root}", flush=True)
+        generate(root, progress=False, **ds.get("toyscenes", {}))
+    elif not root.exists():
+        raise FileNotFoundError(f"dataset folder {root} of {ds['name']} does not exist; prepare it first "
+                                f"(snakemake --cores 2 {root}/.prepared.json)")
 
 
 def plan(args: argparse.Namespace, workflow_cfg: dict) -> tuple[list[Training], list[Training], str]:
@@ -167,7 +171,7 @@ def plan(args: argparse.Namespace, workflow_cfg: dict) -> tuple[list[Training], 
     if args.floors and None in floors:
         raise ConfigError(f"{args.config}: --floors needs a run with method random and one with method pixels, "
                           "e.g. runs: {random: {method: random}, pixels: {method: pixels}}")
-    root = prepare_data(workflow_cfg, resolved, args.work_dir, args.quick)
+    root = str(data_root(workflow_cfg, resolved, args.work_dir, args.quick))
     snapshot_every = args.every if args.mode == "snapshots" else 0
 
     def training(name: str, epochs: int | None, saveckp_freq: int) -> Training:
@@ -340,9 +344,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     note = SNAPSHOT_NOTE.format(epochs=args.epochs[0]) if args.mode == "snapshots" else BUDGET_NOTE
     print(note, flush=True)
+    if args.dry_run:
+        for job in floors + curve:
+            what = "untrained" if job.method in FLOOR_METHODS else f"{job.cfg['optim']['epochs']} epochs"
+            print(f"{job.run}: method {job.method}, {what}, run id {run_id(job.cfg)} -> {job.out_dir}")
+        return 0
     started = time.time()
     try:
+        prepare_data(workflow_cfg, Path(root), args.quick)
         train_all(floors + curve, args.parallel)
+    except (FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

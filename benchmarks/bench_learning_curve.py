@@ -65,6 +65,7 @@ REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ["run", "method", "mode", "epochs", "schedule_epochs", "steps", "images_seen", "train_minutes", "miou",
            "pixel_accuracy", "run_id", "checkpoint"]
 FLOOR_METHODS = ("random", "pixels")
+NO_SNAPSHOTS = ("random", "pixels", "supervised")  # trained outside the engine, or not at all
 SNAPSHOT_NOTE = ("snapshots: intermediate checkpoints of one run over {epochs} epochs; their learning-rate, "
                  "weight-decay and teacher-momentum schedules had not annealed, so a snapshot at N epochs is not "
                  "what an N-epoch run gives")
@@ -171,6 +172,11 @@ def plan(args: argparse.Namespace, workflow_cfg: dict) -> tuple[list[Training], 
     if args.floors and None in floors:
         raise ConfigError(f"{args.config}: --floors needs a run with method random and one with method pixels, "
                           "e.g. runs: {random: {method: random}, pixels: {method: pixels}}")
+    no_snapshots = [r for r in args.runs if resolved[r]["method"] in NO_SNAPSHOTS]
+    if args.mode == "snapshots" and no_snapshots:
+        raise ConfigError(f"run(s) {', '.join(no_snapshots)} (method "
+                          f"{', '.join(sorted({resolved[r]['method'] for r in no_snapshots}))}) keep no "
+                          "per-epoch snapshots (train.saveckp_freq is an engine option); use --mode budgets for them")
     root = str(data_root(workflow_cfg, resolved, args.work_dir, args.quick))
     snapshot_every = args.every if args.mode == "snapshots" else 0
 
@@ -274,7 +280,7 @@ class InContextEvaluator:
                        class_names=list(self.spec.class_names), experiment=self.experiment, run_name=run,
                        started=started)
         write_row(row, self.rows_dir / f"{label}.json")
-        return {"miou": row["miou"], "pixel_accuracy": row["pixel_accuracy"], "global_step": ckpt.get("global_step", 0),
+        return {"miou": row["miou"], "pixel_accuracy": row["pixel_accuracy"], "global_step": ckpt.get("global_step"),
                 "epoch": ckpt.get("epoch", 0), "world_size": ckpt.get("world_size", 1)}
 
 
@@ -287,7 +293,7 @@ def curve_rows(jobs: list[Training], evaluate: InContextEvaluator, mode: str, ev
             label = f"{job.out_dir.name}-{path.stem}"
             out = evaluate(path, job.run, label)
             epochs = 0 if floor else int(out["epoch"])
-            steps = int(out["global_step"]) if not floor else 0
+            steps = 0 if floor else _steps(out, job, epochs)
             rows.append({
                 "run": job.run, "method": job.method, "mode": "floor" if floor else mode, "epochs": epochs,
                 "schedule_epochs": 0 if floor else job.cfg["optim"]["epochs"], "steps": steps,
@@ -297,6 +303,19 @@ def curve_rows(jobs: list[Training], evaluate: InContextEvaluator, mode: str, ev
                 "checkpoint": str(path)})
             print(f"{job.run} epochs {epochs} steps {steps}: in-context mIoU {out['miou']:.2f}", flush=True)
     return rows
+
+
+def _steps(evaluated: dict, job: Training, epochs: int) -> int:
+    """The checkpoint's optimizer steps; a checkpoint that does not record them (method ``supervised``) ran
+    ``epochs`` epochs of ``floor(training images / batch)`` steps (its loader drops the last partial batch)."""
+    if evaluated["global_step"] is not None:
+        return int(evaluated["global_step"])
+    from cribo.data.images import list_pretrain_images
+    from cribo.data.registry import get_spec
+
+    data = job.cfg["data"]
+    split = data.get("split") or get_spec(data["dataset"], data["root"]).train_split
+    return epochs * (len(list_pretrain_images(data["root"], split)) // job.cfg["optim"]["batch_size"])
 
 
 def plot(frame, png: Path, title: str) -> None:

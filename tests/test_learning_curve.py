@@ -71,3 +71,17 @@ def test_an_unknown_run_is_named_in_the_error_and_nothing_is_trained(tmp_path, c
     err = capsys.readouterr().err
     assert "byol" in err and "cribo" in err and "Traceback" not in err
     assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+
+
+def test_snapshots_of_a_run_trained_outside_the_engine_are_refused_before_training(tmp_path, capsys):
+    bench = _bench()
+    cfg = yaml.safe_load(_workflow_config(tmp_path).read_text())
+    cfg["runs"]["supervised"] = {"method": "supervised"}
+    path = tmp_path / "with-supervised.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code = bench.main(["--config", str(path), "--runs", "cribo", "supervised", "--mode", "snapshots", "--quick",
+                       "--out-dir", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "supervised" in err and "--mode budgets" in err
+    assert not (tmp_path / "work").exists()

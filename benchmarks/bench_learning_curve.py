@@ -103,8 +103,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", default="config/config.yaml", help="workflow config (with 'runs')")
     parser.add_argument("--runs", nargs="+", default=["cribo", "dino"], help="runs of the config to train")
     parser.add_argument("--mode", choices=["budgets", "snapshots"], default="budgets")
-    parser.add_argument("--epochs", type=int, nargs="+", default=[2, 4, 8, 16, 32],
-                        help="budgets: the epoch budgets; snapshots: one number, the length of the run")
+    parser.add_argument("--epochs", type=int, nargs="+", default=None,
+                        help="budgets: the epoch budgets (default 2 4 8 16 32); snapshots: one number, the length "
+                             "of the run (default 32)")
     parser.add_argument("--every", type=int, default=2, help="snapshots: keep and evaluate a checkpoint every N epochs")
     parser.add_argument("--parallel", type=int, default=2, help="training processes side by side (1 thread each)")
     parser.add_argument("--floors", action="store_true",
@@ -114,6 +115,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out-dir", default=None, help="CSV, PNG and JSON (default benchmarks/results)")
     parser.add_argument("--work-dir", default=None, help="trainings and rows (default results/learning_curve)")
     args = parser.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = [2, 4, 8, 16, 32] if args.mode == "budgets" else [32]
     if args.quick:
         args.epochs = list(QUICK_BUDGETS) if args.mode == "budgets" else [QUICK_SNAPSHOT_EPOCHS]
         args.every = QUICK_EVERY

@@ -25,15 +25,15 @@ MODEL = {"arch": "vit_tiny", "patch_size": 8, "img_size": 32, "depth": 1, "embed
          "drop_path_rate": 0.2}  # drop path draws from the global RNG: its state must be restored too
 
 
-def _config(tmp_path, root, num_workers, checkpoint_every):
+def _config(tmp_path, root, num_workers, checkpoint_every, saveckp_freq=0):
     cfg = {"method": "cribo", "seed": 3, "data": {"dataset": "voc", "root": str(root), "split": "train"},
            "model": MODEL,
            "dino": {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "warmup_teacher_temp_epochs": 0},
            "cribo": {"num_clusters": 4, "object_out_dim": 32, "queue_size": 8},
            "optim": {"epochs": 2, "batch_size": 3, "warmup_epochs": 0, "clip_grad": 3.0},
            "train": {"device": "cpu", "num_workers": num_workers, "progress": False, "log_every": 1,
-                     "checkpoint_every": checkpoint_every, "threads": 1}}
-    path = tmp_path / f"cfg-{num_workers}-{checkpoint_every}.yaml"
+                     "checkpoint_every": checkpoint_every, "saveckp_freq": saveckp_freq, "threads": 1}}
+    path = tmp_path / f"cfg-{num_workers}-{checkpoint_every}-{saveckp_freq}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -61,13 +61,28 @@ def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
     root = write_voc(tmp / "voc", {"train": [f"t{i}" for i in range(12)], "val": ["v0"]})  # 4 steps / epoch
     out = tmp / "straight"
-    done = _train(_config(tmp, root, num_workers=0, checkpoint_every=0), out)
+    # the reference also keeps per-epoch snapshots: the resumed runs below, which keep none, must
+    # still match it bit for bit, so keeping snapshots cannot have perturbed the training
+    done = _train(_config(tmp, root, num_workers=0, checkpoint_every=0, saveckp_freq=1), out)
     assert done.returncode == 0, done.stderr
-    return root, load_checkpoint(out / "checkpoint.pth")
+    return root, load_checkpoint(out / "checkpoint.pth"), out
+
+
+def test_saveckp_freq_keeps_a_copy_of_each_epoch_end_checkpoint(reference):
+    _, final, out = reference
+    kept = sorted(p.name for p in out.glob("checkpoint*.pth"))
+    assert kept == ["checkpoint.pth", "checkpoint0001.pth", "checkpoint0002.pth"]
+    assert not list(out.glob(".checkpoint*.tmp-*"))
+    first, last = load_checkpoint(out / "checkpoint0001.pth"), load_checkpoint(out / "checkpoint0002.pth")
+    assert (first["epoch"], first["global_step"]) == (1, 4) and (last["epoch"], last["global_step"]) == (2, 8)
+    for name in final["teacher"]:
+        assert torch.equal(last["teacher"][name], final["teacher"][name]), f"teacher.{name} differs"
+    # the first snapshot is an earlier state, not the final one copied twice
+    assert any(not torch.equal(first["teacher"][n], final["teacher"][n]) for n in final["teacher"])
 
 
 def test_sigkill_twice_then_resume_is_bitwise_identical(tmp_path, reference):
-    root, straight = reference
+    root, straight, _ = reference
     # other worker count than the reference: augmentations are seeded per sample, not per worker
     cfg = _config(tmp_path, root, num_workers=1, checkpoint_every=1)
     out = tmp_path / "killed"
@@ -84,7 +99,7 @@ def test_sigkill_twice_then_resume_is_bitwise_identical(tmp_path, reference):
 
 
 def test_sigterm_checkpoints_exits_and_resumes_exactly(tmp_path, reference):
-    root, straight = reference
+    root, straight, _ = reference
     cfg = _config(tmp_path, root, num_workers=0, checkpoint_every=0)  # only the signal checkpoints mid-epoch
     out = tmp_path / "terminated"
     stopped = _train(cfg, out, CRIBO_TEST_SIGNAL_AT_STEP="3", CRIBO_TEST_SIGNAL="TERM")

@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import torch
@@ -32,13 +33,23 @@ class ResumeMismatchError(ValueError):
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
-    path = Path(path)
+    _write_atomically(Path(path), lambda fh: torch.save(state, fh))
+
+
+def copy_checkpoint(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copy ``source`` to ``target`` with the same crash safety as :func:`save_checkpoint`."""
+    with open(source, "rb") as src:
+        _write_atomically(Path(target), lambda fh: shutil.copyfileobj(src, fh, 1 << 20))
+
+
+def _write_atomically(path: Path, write) -> None:
+    """``write(file)`` into a temporary file beside ``path``, flushed and synced, then renamed over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
-            torch.save(state, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

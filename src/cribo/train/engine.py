@@ -3,7 +3,8 @@
 ``train(cfg, output_dir)`` writes ``output_dir/checkpoint.pth`` (the method's official-style key
 layout plus what exact resumption needs: every rank's RNG states, the position in the epoch, the
 resolved config, git SHA, package versions, world size; written atomically at the end of every
-epoch, every ``train.checkpoint_every`` steps, and on SIGTERM/SIGUSR1), ``config.yaml`` (the
+epoch, every ``train.checkpoint_every`` steps, and on SIGTERM/SIGUSR1; every ``train.saveckp_freq``
+epochs a copy is kept as ``checkpoint<epoch:04d>.pth``, as DINO does), ``config.yaml`` (the
 resolved run config), ``provenance.json``, ``log.txt`` (one JSON line per epoch, like the official
 code's), ``log_steps.jsonl`` and ``dvclive/`` (one record every ``train.log_every`` steps). An
 existing ``checkpoint.pth`` is resumed from its recorded step (:func:`resume`): with the same
@@ -43,13 +44,18 @@ from cribo.data.images import list_pretrain_images
 from cribo.method.base import Method, build_method
 from cribo.method.schedules import cosine_schedule
 from cribo.method.untrained import UNTRAINED
-from cribo.train.checkpoint import check_resume_settings, load_checkpoint, save_checkpoint
+from cribo.train.checkpoint import check_resume_settings, copy_checkpoint, load_checkpoint, save_checkpoint
 from cribo.train.distributed import (DistInfo, all_gather_objects, barrier, cleanup, init_distributed,
                                      is_distributed)
 from cribo.train.sampling import ResumableEpochSampler
 from cribo.train.step_logs import drop_logged_steps_from
 
 CHECKPOINT_NAME = "checkpoint.pth"
+
+
+def snapshot_name(epochs_done: int) -> str:
+    """The kept copy of the checkpoint after ``epochs_done`` epochs (DINO's ``checkpoint0008.pth``)."""
+    return f"checkpoint{epochs_done:04d}.pth"
 
 
 def seed_everything(seed: int) -> None:
@@ -307,6 +313,7 @@ def train_method(method: Method, cfg: dict, output_dir: Path, dist_info: DistInf
     logger = MetricsLogger(output_dir, dist_info.is_main, resume=start_epoch > 0 or start_step > 0)
     stopper = StopRequest()
     every = cfg["train"]["checkpoint_every"]
+    snapshot_every = cfg["train"]["saveckp_freq"]
     if dist_info.is_main:
         print(f"training {method.name} on {dist_info.world_size} process(es), device {device}, precision {precision}, "
               f"{steps_per_epoch} steps/epoch x {epochs} epochs, {total_batch} images per step", flush=True)
@@ -333,6 +340,9 @@ def train_method(method: Method, cfg: dict, output_dir: Path, dist_info: DistInf
             if dist_info.world_size > 1:
                 stats.update(check_replicas(method))
             save(epoch + 1, 0)
+            if dist_info.is_main and snapshot_every and (epoch + 1) % snapshot_every == 0:
+                # a copy of the file just written: the resume state as well as the weights
+                copy_checkpoint(ckpt_path, output_dir / snapshot_name(epoch + 1))
             logger.log_epoch({"epoch": epoch, **stats})
     finally:
         stopper.restore()

@@ -58,13 +58,16 @@ def build_incontext_table(rows: list[dict]) -> pd.DataFrame:
             frame[col] = None
     frame["incontext_protocol"] = frame["incontext_protocol"].fillna("clean")  # rows from before the choice
     frame[GROUP_COLUMNS] = frame[GROUP_COLUMNS].fillna("-")
+    if "pixel_accuracy" not in frame:  # rows written before pixel accuracy was recorded
+        frame["pixel_accuracy"] = float("nan")
     grouped = frame.groupby(GROUP_COLUMNS, sort=True)
     table = grouped.agg(
         miou=("miou", "mean"), miou_std=("miou", "std"),
-        miou_hungarian=("miou_hungarian", "mean"), seeds=("seed", "nunique"),
+        miou_hungarian=("miou_hungarian", "mean"), pixel_accuracy=("pixel_accuracy", "mean"),
+        seeds=("seed", "nunique"),
     ).reset_index()
     table["miou_std"] = table["miou_std"].fillna(0.0)
-    return table.round({"miou": 2, "miou_std": 2, "miou_hungarian": 2})
+    return table.round({"miou": 2, "miou_std": 2, "miou_hungarian": 2, "pixel_accuracy": 2})
 
 
 OVERCLUSTER_COLUMNS = ["experiment", "run_name", "run_id", "method", "arch", "dataset", "clusters", "matching"]

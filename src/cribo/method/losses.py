@@ -13,6 +13,12 @@ Teacher distributions are centred and sharpened: ``softmax((t - c) / tau)``; the
 ``c_obj`` is an EMA (momentum 0.9) of the mean teacher object logit of both views, excluding the
 neighbours. Everything is computed in float32.
 
+:class:`CrIBoLoss` computes the terms with :func:`cribo.method.soft_cross_entropy.soft_cross_entropy`:
+each student row's log-softmax is computed once for all the targets it has (the other view's
+teacher and its bank neighbours), in blocks of rows, with a closed-form backward pass. The
+functions :func:`cross_view_object_loss` and :func:`cross_image_object_loss` below are the plain
+definitions of the two object terms; the tests check the class against them.
+
 Official quirks, reproduced by default and each behind a switch (see :class:`CrIBoLossConfig`):
 ``cross_image_norm="first_direction"`` divides *both* cross-image directions by the number of
 consistent objects of the first direction, and skips the term when that number is 0, even if
@@ -31,12 +37,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from cribo.method.dtypes import at_least_fp32
 from cribo.method.dino import DINOLoss, dino_cross_entropy
+from cribo.method.soft_cross_entropy import soft_cross_entropy
 
 
 def teacher_probs(logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
     """Centred, sharpened teacher distribution: ``softmax((logits - center) / temp)``, ``M x K``."""
-    return F.softmax((logits.float() - center) / temp, dim=-1)
+    return F.softmax((at_least_fp32(logits) - center) / temp, dim=-1)
 
 
 def cross_view_object_loss(t1: torch.Tensor, t2: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor,
@@ -44,7 +52,7 @@ def cross_view_object_loss(t1: torch.Tensor, t2: torch.Tensor, s1: torch.Tensor,
     """``(mean_k H(t1_k, s2_k) + mean_k H(t2_k, s1_k)) / 2``: teacher probs ``t``, student logits ``s`` (``M x K``)."""
     if t1.shape[0] == 0:
         return s1.sum() * 0.0  # no valid object in the batch: zero, but still part of the graph
-    return (dino_cross_entropy(t1, s2.float(), student_temp) + dino_cross_entropy(t2, s1.float(), student_temp)) / 2
+    return (dino_cross_entropy(t1, at_least_fp32(s2), student_temp) + dino_cross_entropy(t2, at_least_fp32(s1), student_temp)) / 2
 
 
 def cross_image_object_loss(nn1: torch.Tensor, nn2: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor,
@@ -65,7 +73,7 @@ def cross_image_object_loss(nn1: torch.Tensor, nn2: torch.Tensor, s1: torch.Tens
         nn1, nn2, cycle1, cycle2 = nn1[:, None], nn2[:, None], cycle1[:, None], cycle2[:, None]
 
     def summed(targets, logits, mask):  # targets M x k x K, logits M x K, mask M x k
-        log_probs = F.log_softmax(logits.float() / student_temp, dim=-1)[:, None].expand_as(targets)
+        log_probs = F.log_softmax(at_least_fp32(logits) / student_temp, dim=-1)[:, None].expand_as(targets)
         return torch.sum(-targets[mask] * log_probs[mask])
 
     n1, n2 = int(cycle1.sum()), int(cycle2.sum())
@@ -110,37 +118,88 @@ class CrIBoLoss(nn.Module):
     def forward(self, student_cls: list[torch.Tensor], teacher_cls: list[torch.Tensor],
                 student_obj: tuple[torch.Tensor, torch.Tensor], teacher_obj: tuple[torch.Tensor, torch.Tensor],
                 neighbours: tuple[torch.Tensor, torch.Tensor] | None, cycle: tuple[torch.Tensor, torch.Tensor] | None,
-                epoch: int) -> dict[str, torch.Tensor]:
+                epoch: int, neighbours_selected: bool = False) -> dict[str, torch.Tensor]:
         """All inputs are head outputs (logits). Returns the total and each term (detached copies for logs).
 
         Args:
             student_cls, teacher_cls: ``[B x K]`` per view.
             student_obj, teacher_obj: ``(M x K_obj, M x K_obj)`` for views 1 and 2.
-            neighbours: teacher logits ``(M x K_obj, M x K_obj)`` of the bank neighbours of the view-1
-                and view-2 objects, or None (no memory bank).
-            cycle: the cycle-check masks ``(M, M)`` matching ``neighbours``.
+            neighbours: teacher logits ``(M x K_obj, M x K_obj)`` (or ``M x k x K_obj`` for k neighbours) of
+                the bank neighbours of the view-1 and view-2 objects, or None (no memory bank).
+            cycle: the cycle-check masks ``(M, M)`` (or ``M x k``) matching ``neighbours``.
+            neighbours_selected: ``neighbours`` hold only the rows of the cycle-consistent pairs,
+                ``(n1 x K_obj, n2 x K_obj)`` in the order of ``cycle[i].nonzero()`` (the caller then
+                need not run the head on the neighbours that get no loss).
         """
         temp = self.temperature(epoch)
-        l_global = self.global_loss(student_cls, teacher_cls, epoch)
-        t1, t2 = (teacher_probs(t, self.center_obj, temp).detach() for t in teacher_obj)
-        l_view = cross_view_object_loss(t1, t2, *student_obj, self.student_temp)
-        l_image = l_view * 0.0
-        if neighbours is not None and epoch >= self.cross_image_start_epoch:
-            nn1, nn2 = (teacher_probs(t, self.center_obj, temp).detach() for t in neighbours)
-            l_image = cross_image_object_loss(nn1, nn2, *student_obj, *cycle, self.student_temp, self.cross_image_norm)
+        l_global = self.global_term(student_cls, teacher_cls, epoch)
+        s1, s2 = student_obj
+        m = s1.shape[0]
+        zero = (s1.sum() + s2.sum()) * 0.0  # keeps an empty term in the graph
+        own = torch.arange(m, device=s1.device)
+        use_bank = neighbours is not None and epoch >= self.cross_image_start_epoch
+        # per student tensor: its rows' targets, the other view's teacher first, then the neighbours
+        rows1, rows2 = own, own
+        teach1, teach2 = [teacher_obj[1]], [teacher_obj[0]]  # view 2's teacher teaches s1, view 1's s2
+        n1 = n2 = 0
+        if use_bank:
+            c1, c2 = cycle[0].reshape(m, -1), cycle[1].reshape(m, -1)
+            nn1, nn2 = neighbours
+            if not neighbours_selected:
+                nn1, nn2 = nn1.reshape(m, c1.shape[1], -1)[c1], nn2.reshape(m, c2.shape[1], -1)[c2]
+            n1, n2 = int(c1.sum()), int(c2.sum())
+            rows2 = torch.cat([own, c1.nonzero()[:, 0]])  # the view-1 object's neighbours teach its view-2 vector
+            rows1 = torch.cat([own, c2.nonzero()[:, 0]])
+            teach2.append(nn1)
+            teach1.append(nn2)
+        h2 = soft_cross_entropy(s2, _centred_sharpened(teach2, self.center_obj, temp), rows2, self.student_temp)
+        h1 = soft_cross_entropy(s1, _centred_sharpened(teach1, self.center_obj, temp), rows1, self.student_temp)
+        l_view = (h2[:m].mean() + h1[:m].mean()) / 2 if m else zero
+        l_image = zero
+        if use_bank:
+            image1, image2 = h2[m:].sum(), h1[m:].sum()
+            if self.cross_image_norm == "first_direction":
+                l_image = (image1 / n1 + image2 / n1) / 2 if n1 else zero
+            elif self.cross_image_norm == "per_direction":
+                l_image = ((image1 / n1 if n1 else zero) + (image2 / n2 if n2 else zero)) / 2
+            else:
+                raise ValueError(f"cross_image_norm must be 'first_direction' or 'per_direction', "
+                                 f"got {self.cross_image_norm!r}")
         self.update_object_center(teacher_obj)
         w = self.weights
         total = w.global_ * l_global + w.cross_view * l_view + w.cross_image * l_image
         return {"loss": total, "global": l_global.detach(), "cross_view": l_view.detach(),
                 "cross_image": l_image.detach()}
 
+    def global_term(self, student_cls: list[torch.Tensor], teacher_cls: list[torch.Tensor], epoch: int) -> torch.Tensor:
+        """DINO's [CLS] loss and centre update (:class:`DINOLoss`), through the lean cross-entropy for two views."""
+        if len(student_cls) != 2 or len(teacher_cls) != 2:
+            return self.global_loss(student_cls, teacher_cls, epoch)
+        dino = self.global_loss
+        temp = dino.teacher_temp(epoch)
+        terms = []
+        for teacher, student in ((teacher_cls[0], student_cls[1]), (teacher_cls[1], student_cls[0])):
+            rows = torch.arange(student.shape[0], device=student.device)
+            terms.append(soft_cross_entropy(student, _centred_sharpened([teacher], dino.center, temp), rows,
+                                            dino.student_temp).mean())
+        dino.update_center(teacher_cls)
+        return (terms[0] + terms[1]) / 2
+
     @torch.no_grad()
     def update_object_center(self, teacher_obj: tuple[torch.Tensor, torch.Tensor]) -> None:
-        logits = torch.cat([t.float() for t in teacher_obj])
-        total = logits.sum(dim=0, keepdim=True)
-        count = torch.tensor([float(logits.shape[0])], device=logits.device)
+        total = sum(at_least_fp32(t).sum(dim=0, keepdim=True) for t in teacher_obj)
+        count = torch.tensor([float(sum(t.shape[0] for t in teacher_obj))], device=self.center_obj.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(total)
             dist.all_reduce(count)
         if count.item() > 0:
             self.center_obj.mul_(self.center_momentum).add_(total / count, alpha=1 - self.center_momentum)
+
+
+@torch.no_grad()
+def _centred_sharpened(logits: list[torch.Tensor], center: torch.Tensor, temp: float) -> torch.Tensor:
+    """:func:`teacher_probs` of the rows of ``logits`` stacked, computed in place in one ``rows x K`` buffer."""
+    probs = torch.cat([at_least_fp32(t.detach()) for t in logits]) if len(logits) > 1 else at_least_fp32(logits[0].detach()).clone()
+    probs.sub_(center).div_(temp)
+    probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()
+    return probs.div_(probs.sum(dim=-1, keepdim=True))

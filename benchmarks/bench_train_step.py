@@ -39,7 +39,7 @@ from cribo.method.losses import CrIBoLoss
 from cribo.method.memory_bank import ObjectMemoryBank
 from cribo.models.backbones import build_vit
 from cribo.models.heads import DINOHead, cancel_last_layer_gradients
-from cribo.train.engine import param_groups
+from cribo.train import engine
 
 PRESETS = {
     "issue": dict(arch="vit_tiny", img=96, batch=16, clusters=8, queue=256, pos_alpha=1.0),
@@ -112,7 +112,12 @@ def build(args):
     loss_fn = CrIBoLoss(args.out_dim, args.out_dim, [0.04] * (args.epoch + 1))
     bank = ObjectMemoryBank(args.queue, args.clusters, student.backbone.embed_dim,
                             generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.AdamW(param_groups(student), lr=5e-4, weight_decay=0.04)
+    if hasattr(engine, "build_optimizer") and not args.plain_adamw:  # the engine's optimizer
+        optimizer = engine.build_optimizer(student, torch.device("cpu"))
+    else:
+        optimizer = torch.optim.AdamW(engine.param_groups(student))
+    for group in optimizer.param_groups:
+        group["lr"] = 5e-4
     settings = ClusteringSettings(args.clusters, args.pos_alpha)
     return student, teacher, loss_fn, bank, optimizer, settings
 
@@ -127,6 +132,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--plain-adamw", action="store_true", help="torch's default AdamW, not the engine's")
     args = parser.parse_args()
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:

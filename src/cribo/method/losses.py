@@ -138,9 +138,10 @@ class CrIBoLoss(nn.Module):
         zero = (s1.sum() + s2.sum()) * 0.0  # keeps an empty term in the graph
         own = torch.arange(m, device=s1.device)
         use_bank = neighbours is not None and epoch >= self.cross_image_start_epoch
-        # per student tensor: its rows' targets, the other view's teacher first, then the neighbours
-        rows1, rows2 = own, own
-        teach1, teach2 = [teacher_obj[1]], [teacher_obj[0]]  # view 2's teacher teaches s1, view 1's s2
+        # per student tensor, its targets: the other view's teacher for every row, plus the
+        # neighbours of the consistent rows (view 1's teach the view-2 vector, and conversely)
+        teach1, teach2 = [teacher_obj[1]], [teacher_obj[0]]
+        rows1 = rows2 = [own]
         n1 = n2 = 0
         if use_bank:
             c1, c2 = cycle[0].reshape(m, -1), cycle[1].reshape(m, -1)
@@ -148,12 +149,10 @@ class CrIBoLoss(nn.Module):
             if not neighbours_selected:
                 nn1, nn2 = nn1.reshape(m, c1.shape[1], -1)[c1], nn2.reshape(m, c2.shape[1], -1)[c2]
             n1, n2 = int(c1.sum()), int(c2.sum())
-            rows2 = torch.cat([own, c1.nonzero()[:, 0]])  # the view-1 object's neighbours teach its view-2 vector
-            rows1 = torch.cat([own, c2.nonzero()[:, 0]])
-            teach2.append(nn1)
-            teach1.append(nn2)
-        h2 = soft_cross_entropy(s2, _centred_sharpened(teach2, self.center_obj, temp), rows2, self.student_temp)
-        h1 = soft_cross_entropy(s1, _centred_sharpened(teach1, self.center_obj, temp), rows1, self.student_temp)
+            teach2, rows2 = teach2 + [nn1], rows2 + [c1.nonzero()[:, 0]]
+            teach1, rows1 = teach1 + [nn2], rows1 + [c2.nonzero()[:, 0]]
+        h2 = self._cross_entropies(s2, teach2, rows2, temp)
+        h1 = self._cross_entropies(s1, teach1, rows1, temp)
         l_view = (h2[:m].mean() + h1[:m].mean()) / 2 if m else zero
         l_image = zero
         if use_bank:
@@ -180,10 +179,20 @@ class CrIBoLoss(nn.Module):
         terms = []
         for teacher, student in ((teacher_cls[0], student_cls[1]), (teacher_cls[1], student_cls[0])):
             rows = torch.arange(student.shape[0], device=student.device)
-            terms.append(soft_cross_entropy(student, _centred_sharpened([teacher], dino.center, temp), rows,
-                                            dino.student_temp).mean())
+            probs = _centred_sharpened([teacher], [rows], dino.center, temp)
+            terms.append(soft_cross_entropy(student, probs, rows, dino.student_temp).mean())
         dino.update_center(teacher_cls)
         return (terms[0] + terms[1]) / 2
+
+    def _cross_entropies(self, student: torch.Tensor, teachers: list[torch.Tensor], rows: list[torch.Tensor],
+                         temp: float) -> torch.Tensor:
+        """``H`` of each teacher row (logits, in the order of ``teachers``) against the student row it teaches."""
+        all_rows = torch.cat(rows)
+        order = torch.argsort(all_rows, stable=True)  # soft_cross_entropy wants the targets by row
+        place = torch.empty_like(order)
+        place[order] = torch.arange(order.numel(), device=order.device)
+        probs = _centred_sharpened(teachers, list(place.split([r.numel() for r in rows])), self.center_obj, temp)
+        return soft_cross_entropy(student, probs, all_rows[order], self.student_temp)[place]
 
     @torch.no_grad()
     def update_object_center(self, teacher_obj: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -197,9 +206,13 @@ class CrIBoLoss(nn.Module):
 
 
 @torch.no_grad()
-def _centred_sharpened(logits: list[torch.Tensor], center: torch.Tensor, temp: float) -> torch.Tensor:
-    """:func:`teacher_probs` of the rows of ``logits`` stacked, computed in place in one ``rows x K`` buffer."""
-    probs = torch.cat([at_least_fp32(t.detach()) for t in logits]) if len(logits) > 1 else at_least_fp32(logits[0].detach()).clone()
+def _centred_sharpened(logits: list[torch.Tensor], places: list[torch.Tensor], center: torch.Tensor,
+                       temp: float) -> torch.Tensor:
+    """:func:`teacher_probs` of the ``logits`` rows, written at rows ``places`` of one buffer and computed in place."""
+    first = at_least_fp32(logits[0])
+    probs = first.new_empty(sum(t.shape[0] for t in logits), first.shape[1])
+    for part, place in zip(logits, places):
+        probs.index_copy_(0, place, at_least_fp32(part.detach()))
     probs.sub_(center).div_(temp)
     probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()
     return probs.div_(probs.sum(dim=-1, keepdim=True))

@@ -23,12 +23,16 @@ from cribo.method.dtypes import at_least_fp32
 CHUNK_ROWS = 64
 
 
-def _targets_by_block(rows: torch.Tensor, num_rows: int, chunk_rows: int):
-    """For each block ``[a, b)`` of logit rows: ``(a, b, indices of the targets whose row is in it)``."""
-    order = torch.argsort(rows, stable=True)
-    bounds = torch.searchsorted(rows[order], torch.arange(0, num_rows + chunk_rows, chunk_rows, device=rows.device))
+def _blocks(rows: torch.Tensor, num_rows: int, chunk_rows: int):
+    """For each block ``[a, b)`` of logit rows: ``(a, b, lo, hi, local)``, where targets ``lo:hi`` teach rows
+    of this block and ``local`` (``None`` when it is ``0 .. b - a - 1``, one target per row) are their rows in it."""
+    edges = torch.searchsorted(rows, torch.arange(0, num_rows + chunk_rows, chunk_rows, device=rows.device)).tolist()
     for i, start in enumerate(range(0, num_rows, chunk_rows)):
-        yield start, min(start + chunk_rows, num_rows), order[bounds[i]:bounds[i + 1]]
+        end, lo, hi = min(start + chunk_rows, num_rows), edges[i], edges[i + 1]
+        if hi > lo:
+            local = rows[lo:hi] - start
+            one_each = hi - lo == end - start and bool((local == torch.arange(end - start, device=rows.device)).all())
+            yield start, end, lo, hi, None if one_each else local
 
 
 class _SoftCrossEntropy(torch.autograd.Function):
@@ -36,10 +40,11 @@ class _SoftCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, temp: float,
                 chunk_rows: int) -> torch.Tensor:
         losses = logits.new_zeros(targets.shape[0])
-        for start, end, which in _targets_by_block(rows, logits.shape[0], chunk_rows):
-            if which.numel():
-                log_probs = F.log_softmax(logits[start:end] / temp, dim=-1)  # once per row, whatever its targets
-                losses[which] = -(targets[which] * log_probs[rows[which] - start]).sum(dim=-1)
+        for start, end, lo, hi, local in _blocks(rows, logits.shape[0], chunk_rows):
+            log_probs = F.log_softmax(logits[start:end] / temp, dim=-1)  # once per row, whatever its targets
+            if local is not None:
+                log_probs = log_probs.index_select(0, local)
+            losses[lo:hi] = -(targets[lo:hi] * log_probs).sum(dim=-1)
         ctx.save_for_backward(logits, targets, rows)
         ctx.temp, ctx.chunk_rows = temp, chunk_rows
         return losses
@@ -51,12 +56,16 @@ class _SoftCrossEntropy(torch.autograd.Function):
         grad = torch.zeros_like(logits)
         # per row r: (softmax(s_r / tau) * sum_j g_j * sum_k t_jk - sum_j g_j * t_j) / tau, over its targets j
         weight = logits.new_zeros(logits.shape[0]).index_add_(0, rows, grad_losses * targets.sum(dim=-1))
-        for start, end, which in _targets_by_block(rows, logits.shape[0], chunk_rows):
-            if which.numel():
-                block = grad[start:end]
-                block.index_add_(0, rows[which] - start, targets[which] * -grad_losses[which, None])
-                block += F.softmax(logits[start:end] / temp, dim=-1) * weight[start:end, None]
-                block /= temp
+        for start, end, lo, hi, local in _blocks(rows, logits.shape[0], chunk_rows):
+            block = grad[start:end]
+            torch.softmax(logits[start:end] / temp, dim=-1, out=block)
+            block.mul_(weight[start:end, None])
+            taught = targets[lo:hi] * grad_losses[lo:hi, None]
+            if local is None:
+                block.sub_(taught)
+            else:
+                block.index_add_(0, local, taught, alpha=-1)
+            block.div_(temp)
         return grad, None, None, None, None
 
 
@@ -65,9 +74,9 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, rows: torch.
     """``H(targets_j, logits[rows_j])`` for each target ``j``, with a lean backward pass.
 
     Args:
-        logits: ``N x K`` student logits (float32; gradients flow to them).
-        targets: ``T x K`` target distributions (no gradient).
-        rows: ``T`` indices into ``logits``: the row each target teaches.
+        logits: ``N x K`` student logits (at least float32; gradients flow to them).
+        targets: ``T x K`` target distributions (no gradient), ordered by the row they teach.
+        rows: ``T`` non-decreasing indices into ``logits``: the row each target teaches.
         temp: student temperature ``tau``.
     Returns:
         ``T`` cross-entropies.
@@ -75,4 +84,7 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, rows: torch.
     if targets.shape[0] != rows.shape[0] or targets.shape[1:] != logits.shape[1:]:
         raise ValueError(f"targets {tuple(targets.shape)}, rows {tuple(rows.shape)} and logits "
                          f"{tuple(logits.shape)} do not match")
-    return _SoftCrossEntropy.apply(at_least_fp32(logits), at_least_fp32(targets.detach()), rows.to(logits.device), temp, chunk_rows)
+    rows = rows.to(logits.device)
+    if rows.numel() > 1 and bool((rows[1:] < rows[:-1]).any()):
+        raise ValueError("rows must be sorted (non-decreasing): order the targets by the row they teach")
+    return _SoftCrossEntropy.apply(at_least_fp32(logits), at_least_fp32(targets.detach()), rows, temp, chunk_rows)

@@ -41,7 +41,7 @@ class ObjectNet(nn.Module):
     """Backbone + head returning [CLS] logits, patch tokens and, given an assignment, object logits.
 
     ``forward(2B x 3 x S x S, assignment B x 2N x K | None) -> (2B x K_img logits, 2B x N x D tokens,
-    (M x K_obj, M x K_obj) | None)``, the two views stacked view-major.
+    2M x K_obj object logits | None)``, the two views stacked view-major (view-1 objects first).
     """
 
     def __init__(self, backbone: nn.Module, head: DINOHead):
@@ -60,8 +60,7 @@ class ObjectNet(nn.Module):
         with torch.autocast(images.device.type, enabled=False):  # object means in fp32, as officially
             obj1, obj2, _ = object_vectors(at_least_fp32(patches[:b]), at_least_fp32(patches[b:]), assignment)
         # both views' objects in one pass: the object last layer's weight is normalised once per step
-        logits = self.head.forward_objects(torch.cat([obj1, obj2]))
-        return cls_logits, patches, (logits[:obj1.shape[0]], logits[obj1.shape[0]:])
+        return cls_logits, patches, self.head.forward_objects(torch.cat([obj1, obj2]))
 
 
 def cribo_step(student: nn.Module, teacher: ObjectNet, loss_fn: CrIBoLoss, bank: ObjectMemoryBank | None,
@@ -115,7 +114,7 @@ def cribo_step(student: nn.Module, teacher: ObjectNet, loss_fn: CrIBoLoss, bank:
             neighbours = (t_all[2 * m:2 * m + n1], t_all[2 * m + n1:])
     with amp():
         s_cls, _, s_obj = student(images, assignment)
-    s_cls, s_obj = at_least_fp32(s_cls), tuple(at_least_fp32(o) for o in s_obj)
-    losses = loss_fn(list(s_cls.chunk(2)), list(t_cls.chunk(2)), s_obj, t_obj, neighbours, cycle, epoch,
+    # stacked views (2B and 2M rows): the loss makes one gradient tensor for each
+    losses = loss_fn(at_least_fp32(s_cls), t_cls, at_least_fp32(s_obj), t_obj, neighbours, cycle, epoch,
                      neighbours_selected=True)
     return {**losses, "objects_per_image": valid.sum(dim=1).float().mean().item(), "cycle_fraction": cycle_fraction}

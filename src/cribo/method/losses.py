@@ -115,15 +115,18 @@ class CrIBoLoss(nn.Module):
     def temperature(self, epoch: int) -> float:
         return self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)]
 
-    def forward(self, student_cls: list[torch.Tensor], teacher_cls: list[torch.Tensor],
-                student_obj: tuple[torch.Tensor, torch.Tensor], teacher_obj: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, student_cls: list[torch.Tensor] | torch.Tensor, teacher_cls: list[torch.Tensor] | torch.Tensor,
+                student_obj: tuple[torch.Tensor, torch.Tensor] | torch.Tensor,
+                teacher_obj: tuple[torch.Tensor, torch.Tensor],
                 neighbours: tuple[torch.Tensor, torch.Tensor] | None, cycle: tuple[torch.Tensor, torch.Tensor] | None,
                 epoch: int, neighbours_selected: bool = False) -> dict[str, torch.Tensor]:
         """All inputs are head outputs (logits). Returns the total and each term (detached copies for logs).
 
         Args:
-            student_cls, teacher_cls: ``[B x K]`` per view.
-            student_obj, teacher_obj: ``(M x K_obj, M x K_obj)`` for views 1 and 2.
+            student_cls, teacher_cls: ``[B x K]`` per view, or both views stacked (``2B x K``, view 1 first).
+            student_obj: ``(M x K_obj, M x K_obj)`` for views 1 and 2, or stacked (``2M x K_obj``); the
+                stacked form spares a copy and gives one gradient tensor.
+            teacher_obj: ``(M x K_obj, M x K_obj)`` for views 1 and 2.
             neighbours: teacher logits ``(M x K_obj, M x K_obj)`` (or ``M x k x K_obj`` for k neighbours) of
                 the bank neighbours of the view-1 and view-2 objects, or None (no memory bank).
             cycle: the cycle-check masks ``(M, M)`` (or ``M x k``) matching ``neighbours``.
@@ -133,15 +136,14 @@ class CrIBoLoss(nn.Module):
         """
         temp = self.temperature(epoch)
         l_global = self.global_term(student_cls, teacher_cls, epoch)
-        s1, s2 = student_obj
-        m = s1.shape[0]
-        zero = (s1.sum() + s2.sum()) * 0.0  # keeps an empty term in the graph
-        own = torch.arange(m, device=s1.device)
+        student = _stacked(student_obj)  # 2M x K: rows 0..M-1 view 1, M..2M-1 view 2
+        m = teacher_obj[0].shape[0]
+        zero = student.sum() * 0.0  # keeps an empty term in the graph
+        own = torch.arange(m, device=student.device)
         use_bank = neighbours is not None and epoch >= self.cross_image_start_epoch
-        # per student tensor, its targets: the other view's teacher for every row, plus the
-        # neighbours of the consistent rows (view 1's teach the view-2 vector, and conversely)
-        teach1, teach2 = [teacher_obj[1]], [teacher_obj[0]]
-        rows1 = rows2 = [own]
+        # each teacher row and the student row it teaches: view 2's teacher teaches view 1's
+        # student and conversely; the neighbours of a view-1 object teach its view-2 vector and conversely
+        teachers, rows = [teacher_obj[1], teacher_obj[0]], [own, own + m]
         n1 = n2 = 0
         if use_bank:
             c1, c2 = cycle[0].reshape(m, -1), cycle[1].reshape(m, -1)
@@ -149,14 +151,13 @@ class CrIBoLoss(nn.Module):
             if not neighbours_selected:
                 nn1, nn2 = nn1.reshape(m, c1.shape[1], -1)[c1], nn2.reshape(m, c2.shape[1], -1)[c2]
             n1, n2 = int(c1.sum()), int(c2.sum())
-            teach2, rows2 = teach2 + [nn1], rows2 + [c1.nonzero()[:, 0]]
-            teach1, rows1 = teach1 + [nn2], rows1 + [c2.nonzero()[:, 0]]
-        h2 = self._cross_entropies(s2, teach2, rows2, temp)
-        h1 = self._cross_entropies(s1, teach1, rows1, temp)
-        l_view = (h2[:m].mean() + h1[:m].mean()) / 2 if m else zero
+            teachers += [nn1, nn2]
+            rows += [c1.nonzero()[:, 0] + m, c2.nonzero()[:, 0]]
+        h = self._cross_entropies(student, teachers, rows, self.center_obj, temp, self.student_temp)
+        l_view = h[:2 * m].mean() if m else zero  # = (mean_k H(t1, s2) + mean_k H(t2, s1)) / 2
         l_image = zero
         if use_bank:
-            image1, image2 = h2[m:].sum(), h1[m:].sum()
+            image1, image2 = h[2 * m:2 * m + n1].sum(), h[2 * m + n1:].sum()
             if self.cross_image_norm == "first_direction":
                 l_image = (image1 / n1 + image2 / n1) / 2 if n1 else zero
             elif self.cross_image_norm == "per_direction":
@@ -170,29 +171,32 @@ class CrIBoLoss(nn.Module):
         return {"loss": total, "global": l_global.detach(), "cross_view": l_view.detach(),
                 "cross_image": l_image.detach()}
 
-    def global_term(self, student_cls: list[torch.Tensor], teacher_cls: list[torch.Tensor], epoch: int) -> torch.Tensor:
+    def global_term(self, student_cls: list[torch.Tensor] | torch.Tensor, teacher_cls: list[torch.Tensor] | torch.Tensor,
+                    epoch: int) -> torch.Tensor:
         """DINO's [CLS] loss and centre update (:class:`DINOLoss`), through the lean cross-entropy for two views."""
-        if len(student_cls) != 2 or len(teacher_cls) != 2:
-            return self.global_loss(student_cls, teacher_cls, epoch)
+        if not torch.is_tensor(student_cls) and (len(student_cls) != 2 or len(teacher_cls) != 2):
+            return self.global_loss(list(student_cls), list(teacher_cls), epoch)
         dino = self.global_loss
-        temp = dino.teacher_temp(epoch)
-        terms = []
-        for teacher, student in ((teacher_cls[0], student_cls[1]), (teacher_cls[1], student_cls[0])):
-            rows = torch.arange(student.shape[0], device=student.device)
-            probs = _centred_sharpened([teacher], [rows], dino.center, temp)
-            terms.append(soft_cross_entropy(student, probs, rows, dino.student_temp).mean())
-        dino.update_center(teacher_cls)
-        return (terms[0] + terms[1]) / 2
+        student = _stacked(student_cls)
+        teachers = teacher_cls.chunk(2) if torch.is_tensor(teacher_cls) else teacher_cls
+        b = teachers[0].shape[0]
+        own = torch.arange(b, device=student.device)
+        # view 1's teacher teaches view 2's student and conversely: (H(t1, s2).mean + H(t2, s1).mean) / 2
+        h = self._cross_entropies(student, [teachers[1], teachers[0]], [own, own + b], dino.center,
+                                  dino.teacher_temp(epoch), dino.student_temp)
+        dino.update_center(list(teachers))
+        return h.mean()
 
-    def _cross_entropies(self, student: torch.Tensor, teachers: list[torch.Tensor], rows: list[torch.Tensor],
-                         temp: float) -> torch.Tensor:
+    @staticmethod
+    def _cross_entropies(student: torch.Tensor, teachers: list[torch.Tensor], rows: list[torch.Tensor],
+                         center: torch.Tensor, temp: float, student_temp: float) -> torch.Tensor:
         """``H`` of each teacher row (logits, in the order of ``teachers``) against the student row it teaches."""
         all_rows = torch.cat(rows)
         order = torch.argsort(all_rows, stable=True)  # soft_cross_entropy wants the targets by row
         place = torch.empty_like(order)
         place[order] = torch.arange(order.numel(), device=order.device)
-        probs = _centred_sharpened(teachers, list(place.split([r.numel() for r in rows])), self.center_obj, temp)
-        return soft_cross_entropy(student, probs, all_rows[order], self.student_temp)[place]
+        probs = _centred_sharpened(teachers, list(place.split([r.numel() for r in rows])), center, temp)
+        return soft_cross_entropy(student, probs, all_rows[order], student_temp)[place]
 
     @torch.no_grad()
     def update_object_center(self, teacher_obj: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -216,3 +220,8 @@ def _centred_sharpened(logits: list[torch.Tensor], places: list[torch.Tensor], c
     probs.sub_(center).div_(temp)
     probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()
     return probs.div_(probs.sum(dim=-1, keepdim=True))
+
+
+def _stacked(views: tuple[torch.Tensor, torch.Tensor] | list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """Both views' rows in one tensor, view 1 first (a copy only when given separately)."""
+    return views if torch.is_tensor(views) else torch.cat(list(views))

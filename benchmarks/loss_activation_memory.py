@@ -46,12 +46,14 @@ def before(b: int, m: int, n1: int, n2: int) -> list[tuple[str, int, int]]:
 
 def after(b: int, m: int, n1: int, n2: int) -> list[tuple[str, int, int]]:
     return [
-        ("teacher [CLS] logits, fp32 copies", 2 * b, FP32),
+        ("teacher [CLS] logits, fp32 copy", 2 * b, FP32),
         ("teacher object + consistent-neighbour logits, one pass, fp32 copy", 2 * m + n1 + n2, FP32),
-        ("teacher [CLS] probabilities (saved)", 2 * b, FP32),
-        ("object targets per student row: other view + its neighbours (saved)", 2 * m + n1 + n2, FP32),
-        ("student [CLS] logits, fp32 copies (saved; the fp16 output is freed)", 2 * b, FP32),
-        ("student object logits, both views in one pass, fp32 copy (saved)", 2 * m, FP32),
+        ("[CLS] targets, both views in one buffer (saved)", 2 * b, FP32),
+        ("object targets: other view + consistent neighbours, one buffer (saved)", 2 * m + n1 + n2, FP32),
+        ("student [CLS] logits, fp16 head output", 2 * b, FP16),
+        ("student [CLS] logits, fp32 copy (saved)", 2 * b, FP32),
+        ("student object logits, both views in one pass, fp16 head output", 2 * m, FP16),
+        ("student object logits, fp32 copy (saved)", 2 * m, FP32),
         ("one block of log-softmax (64 rows), transient", 64, FP32),
     ]
 

@@ -14,6 +14,9 @@ official code's first steps. Phases are timed by wrapping the functions that do 
 - backward, optimizer (AdamW step), ema (teacher update);
 - other: the rest of ``cribo_step`` (object means, position pooling, casts).
 
+On a shared machine wall time depends on the other jobs; the CPU time per step (all threads,
+``time.process_time``) depends on them much less, so both are printed.
+
 Presets (``--preset``): ``issue`` = ViT-Ti/16, 96 px crops, batch 16, K = 8, queue 256 images,
 65536-wide heads (issue 14's shapes); ``vits-k32`` / ``vits-k64`` = the released ViT-S/16 heads at
 224 px with K = 32 / 64 (batch ``--batch``, 8 by default there: the released 32-128 per GPU do
@@ -152,11 +155,11 @@ def main() -> None:
     momentum = 0.996
     generator = torch.Generator().manual_seed(0)
 
-    step_seconds, objects, cycles = [], [], []
+    step_seconds, cpu_seconds, objects, cycles = [], [], [], []
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             clock.seconds.clear()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with clock.phase("data"):
             views, positions = synthetic_views(args.batch, args.img, generator)
         with clock.phase("other"):
@@ -172,6 +175,7 @@ def main() -> None:
                 p_t.mul_(momentum).add_(p_s.detach(), alpha=1 - momentum)
         if i >= args.warmup:
             step_seconds.append(time.perf_counter() - start)
+            cpu_seconds.append(time.process_time() - cpu_start)
             objects.append(out["objects_per_image"])
             cycles.append(out["cycle_fraction"])
 
@@ -182,7 +186,8 @@ def main() -> None:
     print(f"objects/image {statistics.mean(objects):.1f}, cycle-consistent {statistics.mean(cycles):.2f}, "
           f"loss {out['loss'].item():.4f}")
     print(f"images/s {args.batch * len(step_seconds) / total:.2f}  "
-          f"(median step {statistics.median(step_seconds) * 1000:.0f} ms over {len(step_seconds)} steps)")
+          f"(median step {statistics.median(step_seconds) * 1000:.0f} ms over {len(step_seconds)} steps; "
+          f"median CPU time {statistics.median(cpu_seconds):.2f} s/step, all threads)")
     print(f"peak RSS {peak_mib:.0f} MiB")
     print("phase ms/step: " + "  ".join(f"{name} {clock.seconds[name] * 1000 / len(step_seconds):.0f}"
                                           for name in PHASES))

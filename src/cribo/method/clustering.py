@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cribo.method.dtypes import at_least_fp32
+
 
 def pairwise_distances(positions: torch.Tensor) -> torch.Tensor:
     """Euclidean distances ``B x T x T`` between token positions ``B x T x 2``."""
@@ -108,8 +110,8 @@ def joint_view_clustering(tokens: torch.Tensor, positions: torch.Tensor, num_clu
     Returns:
         ``B x 2N x K`` assignment (fp32).
     """
-    tokens = F.normalize(tokens.float(), dim=-1)
-    positions = positions.float()
+    tokens = F.normalize(at_least_fp32(tokens), dim=-1)
+    positions = positions.to(tokens.dtype)
     b, t, _ = tokens.shape
     if seeds is None:
         seeds = sample_seeds(b, t, num_clusters, generator).to(tokens.device)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from cribo.method.clustering import joint_view_clustering, object_vectors
+from cribo.method.dtypes import at_least_fp32
 from cribo.method.losses import CrIBoLoss
 from cribo.method.memory_bank import ObjectMemoryBank
 from cribo.method.views import patch_positions
@@ -40,7 +41,7 @@ class ObjectNet(nn.Module):
     """Backbone + head returning [CLS] logits, patch tokens and, given an assignment, object logits.
 
     ``forward(2B x 3 x S x S, assignment B x 2N x K | None) -> (2B x K_img logits, 2B x N x D tokens,
-    (M x K_obj, M x K_obj) | None)``, the two views stacked view-major.
+    2M x K_obj object logits | None)``, the two views stacked view-major (view-1 objects first).
     """
 
     def __init__(self, backbone: nn.Module, head: DINOHead):
@@ -57,8 +58,9 @@ class ObjectNet(nn.Module):
             return cls_logits, patches, None
         b = images.shape[0] // 2
         with torch.autocast(images.device.type, enabled=False):  # object means in fp32, as officially
-            obj1, obj2, _ = object_vectors(patches[:b].float(), patches[b:].float(), assignment)
-        return cls_logits, patches, (self.head.forward_objects(obj1), self.head.forward_objects(obj2))
+            obj1, obj2, _ = object_vectors(at_least_fp32(patches[:b]), at_least_fp32(patches[b:]), assignment)
+        # both views' objects in one pass: the object last layer's weight is normalised once per step
+        return cls_logits, patches, self.head.forward_objects(torch.cat([obj1, obj2]))
 
 
 def cribo_step(student: nn.Module, teacher: ObjectNet, loss_fn: CrIBoLoss, bank: ObjectMemoryBank | None,
@@ -81,30 +83,38 @@ def cribo_step(student: nn.Module, teacher: ObjectNet, loss_fn: CrIBoLoss, bank:
     with torch.no_grad():
         with amp():
             t_cls, t_tokens, _ = teacher(images)
-        t_cls = t_cls.float()
-        t1, t2 = t_tokens[:b].float(), t_tokens[b:].float()
-        pos = torch.cat([patch_positions(p.float(), patch) for p in positions], dim=1)  # B x 2N x 2
+        t_cls = at_least_fp32(t_cls)
+        t1, t2 = at_least_fp32(t_tokens[:b]), at_least_fp32(t_tokens[b:])
+        pos = torch.cat([patch_positions(p.to(t1.dtype), patch) for p in positions], dim=1)  # B x 2N x 2
         assignment = joint_view_clustering(
             torch.cat([t1, t2], dim=1), pos, settings.num_clusters, settings.pos_alpha, settings.sinkhorn_lambda,
             settings.sinkhorn_iterations, settings.rounds, settings.hard_assignment, settings.update_marginal)
         obj1, obj2, valid = object_vectors(t1, t2, assignment)
-        with amp():
-            t_obj = (teacher.head.forward_objects(obj1).float(), teacher.head.forward_objects(obj2).float())
-        neighbours = cycle = None
+        m = obj1.shape[0]
+        head_rows = [obj1, obj2]
+        cycle = None
         cycle_fraction = float("nan")
         if bank is not None:
             found = bank.retrieve(obj1, obj2, top_k=settings.top_k)
-            m, k = found.cycle1.shape
-            with amp():
-                neighbours = tuple(teacher.head.forward_objects(rows.reshape(m * k, -1)).float().reshape(m, k, -1)
-                                   for rows in (found.nn_view1[0], found.nn_view2[1]))
             cycle = (found.cycle1, found.cycle2)
             if not settings.cycle_check:
                 cycle = (torch.ones_like(found.cycle1), torch.ones_like(found.cycle2))
             cycle_fraction = found.cycle1.float().mean().item() if found.cycle1.numel() else 0.0
+            if epoch >= loss_fn.cross_image_start_epoch:
+                # only the neighbours that pass the cycle check get a loss: the others skip the head
+                head_rows += [found.nn_view1[0][cycle[0]], found.nn_view2[1][cycle[1]]]
             bank.enqueue(gather(obj1), gather(obj2), gather(valid.sum(dim=1)))
+        with amp():  # objects and neighbours in one pass through the teacher's object head
+            t_all = teacher.head.forward_objects(torch.cat(head_rows))
+            t_all = at_least_fp32(t_all)
+        t_obj = (t_all[:m], t_all[m:2 * m])
+        neighbours = None
+        if len(head_rows) > 2:
+            n1 = head_rows[2].shape[0]
+            neighbours = (t_all[2 * m:2 * m + n1], t_all[2 * m + n1:])
     with amp():
         s_cls, _, s_obj = student(images, assignment)
-    s_cls, s_obj = s_cls.float(), tuple(o.float() for o in s_obj)
-    losses = loss_fn(list(s_cls.chunk(2)), list(t_cls.chunk(2)), s_obj, t_obj, neighbours, cycle, epoch)
+    # stacked views (2B and 2M rows): the loss makes one gradient tensor for each
+    losses = loss_fn(at_least_fp32(s_cls), t_cls, at_least_fp32(s_obj), t_obj, neighbours, cycle, epoch,
+                     neighbours_selected=True)
     return {**losses, "objects_per_image": valid.sum(dim=1).float().mean().item(), "cycle_fraction": cycle_fraction}

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cribo.method.base import Method
+from cribo.method.dtypes import at_least_fp32
 
 
 def dino_cross_entropy(teacher_probs: torch.Tensor, student_logits: torch.Tensor, student_temp: float) -> torch.Tensor:
@@ -78,13 +79,13 @@ class DINOLoss(nn.Module):
             epoch: index into the teacher temperature schedule.
         """
         temp = self.teacher_temp(epoch)
-        teacher_probs = [F.softmax((t.detach().float() - self.center) / temp, dim=-1) for t in teacher_out]
+        teacher_probs = [F.softmax((at_least_fp32(t.detach()) - self.center) / temp, dim=-1) for t in teacher_out]
         total, pairs = None, 0
         for i, probs in enumerate(teacher_probs):
             for j, student in enumerate(student_out):
                 if i == j:  # the same view on both sides: skipped, only cross-view terms count
                     continue
-                term = dino_cross_entropy(probs, student.float(), self.student_temp)
+                term = dino_cross_entropy(probs, at_least_fp32(student), self.student_temp)
                 total = term if total is None else total + term
                 pairs += 1
         if total is None:
@@ -100,7 +101,7 @@ class DINOLoss(nn.Module):
         ``teacher_out``: list of ``B x K`` tensors. Sums and row counts are all-reduced, so the mean
         is over the global batch even if processes hold different batch sizes.
         """
-        outputs = torch.cat([t.detach().float() for t in teacher_out])
+        outputs = torch.cat([at_least_fp32(t.detach()) for t in teacher_out])
         batch_sum = outputs.sum(dim=0, keepdim=True)
         count = torch.tensor([float(outputs.shape[0])], device=outputs.device)
         if dist.is_available() and dist.is_initialized():

@@ -13,6 +13,12 @@ Teacher distributions are centred and sharpened: ``softmax((t - c) / tau)``; the
 ``c_obj`` is an EMA (momentum 0.9) of the mean teacher object logit of both views, excluding the
 neighbours. Everything is computed in float32.
 
+:class:`CrIBoLoss` computes the terms with :func:`cribo.method.soft_cross_entropy.soft_cross_entropy`:
+each student row's log-softmax is computed once for all the targets it has (the other view's
+teacher and its bank neighbours), in blocks of rows, with a closed-form backward pass. The
+functions :func:`cross_view_object_loss` and :func:`cross_image_object_loss` below are the plain
+definitions of the two object terms; the tests check the class against them.
+
 Official quirks, reproduced by default and each behind a switch (see :class:`CrIBoLossConfig`):
 ``cross_image_norm="first_direction"`` divides *both* cross-image directions by the number of
 consistent objects of the first direction, and skips the term when that number is 0, even if
@@ -31,12 +37,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from cribo.method.dtypes import at_least_fp32
 from cribo.method.dino import DINOLoss, dino_cross_entropy
+from cribo.method.soft_cross_entropy import soft_cross_entropy
 
 
 def teacher_probs(logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
     """Centred, sharpened teacher distribution: ``softmax((logits - center) / temp)``, ``M x K``."""
-    return F.softmax((logits.float() - center) / temp, dim=-1)
+    return F.softmax((at_least_fp32(logits) - center) / temp, dim=-1)
 
 
 def cross_view_object_loss(t1: torch.Tensor, t2: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor,
@@ -44,7 +52,7 @@ def cross_view_object_loss(t1: torch.Tensor, t2: torch.Tensor, s1: torch.Tensor,
     """``(mean_k H(t1_k, s2_k) + mean_k H(t2_k, s1_k)) / 2``: teacher probs ``t``, student logits ``s`` (``M x K``)."""
     if t1.shape[0] == 0:
         return s1.sum() * 0.0  # no valid object in the batch: zero, but still part of the graph
-    return (dino_cross_entropy(t1, s2.float(), student_temp) + dino_cross_entropy(t2, s1.float(), student_temp)) / 2
+    return (dino_cross_entropy(t1, at_least_fp32(s2), student_temp) + dino_cross_entropy(t2, at_least_fp32(s1), student_temp)) / 2
 
 
 def cross_image_object_loss(nn1: torch.Tensor, nn2: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor,
@@ -65,7 +73,7 @@ def cross_image_object_loss(nn1: torch.Tensor, nn2: torch.Tensor, s1: torch.Tens
         nn1, nn2, cycle1, cycle2 = nn1[:, None], nn2[:, None], cycle1[:, None], cycle2[:, None]
 
     def summed(targets, logits, mask):  # targets M x k x K, logits M x K, mask M x k
-        log_probs = F.log_softmax(logits.float() / student_temp, dim=-1)[:, None].expand_as(targets)
+        log_probs = F.log_softmax(at_least_fp32(logits) / student_temp, dim=-1)[:, None].expand_as(targets)
         return torch.sum(-targets[mask] * log_probs[mask])
 
     n1, n2 = int(cycle1.sum()), int(cycle2.sum())
@@ -107,40 +115,113 @@ class CrIBoLoss(nn.Module):
     def temperature(self, epoch: int) -> float:
         return self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)]
 
-    def forward(self, student_cls: list[torch.Tensor], teacher_cls: list[torch.Tensor],
-                student_obj: tuple[torch.Tensor, torch.Tensor], teacher_obj: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, student_cls: list[torch.Tensor] | torch.Tensor, teacher_cls: list[torch.Tensor] | torch.Tensor,
+                student_obj: tuple[torch.Tensor, torch.Tensor] | torch.Tensor,
+                teacher_obj: tuple[torch.Tensor, torch.Tensor],
                 neighbours: tuple[torch.Tensor, torch.Tensor] | None, cycle: tuple[torch.Tensor, torch.Tensor] | None,
-                epoch: int) -> dict[str, torch.Tensor]:
+                epoch: int, neighbours_selected: bool = False) -> dict[str, torch.Tensor]:
         """All inputs are head outputs (logits). Returns the total and each term (detached copies for logs).
 
         Args:
-            student_cls, teacher_cls: ``[B x K]`` per view.
-            student_obj, teacher_obj: ``(M x K_obj, M x K_obj)`` for views 1 and 2.
-            neighbours: teacher logits ``(M x K_obj, M x K_obj)`` of the bank neighbours of the view-1
-                and view-2 objects, or None (no memory bank).
-            cycle: the cycle-check masks ``(M, M)`` matching ``neighbours``.
+            student_cls, teacher_cls: ``[B x K]`` per view, or both views stacked (``2B x K``, view 1 first).
+            student_obj: ``(M x K_obj, M x K_obj)`` for views 1 and 2, or stacked (``2M x K_obj``); the
+                stacked form spares a copy and gives one gradient tensor.
+            teacher_obj: ``(M x K_obj, M x K_obj)`` for views 1 and 2.
+            neighbours: teacher logits ``(M x K_obj, M x K_obj)`` (or ``M x k x K_obj`` for k neighbours) of
+                the bank neighbours of the view-1 and view-2 objects, or None (no memory bank).
+            cycle: the cycle-check masks ``(M, M)`` (or ``M x k``) matching ``neighbours``.
+            neighbours_selected: ``neighbours`` hold only the rows of the cycle-consistent pairs,
+                ``(n1 x K_obj, n2 x K_obj)`` in the order of ``cycle[i].nonzero()`` (the caller then
+                need not run the head on the neighbours that get no loss).
         """
         temp = self.temperature(epoch)
-        l_global = self.global_loss(student_cls, teacher_cls, epoch)
-        t1, t2 = (teacher_probs(t, self.center_obj, temp).detach() for t in teacher_obj)
-        l_view = cross_view_object_loss(t1, t2, *student_obj, self.student_temp)
-        l_image = l_view * 0.0
-        if neighbours is not None and epoch >= self.cross_image_start_epoch:
-            nn1, nn2 = (teacher_probs(t, self.center_obj, temp).detach() for t in neighbours)
-            l_image = cross_image_object_loss(nn1, nn2, *student_obj, *cycle, self.student_temp, self.cross_image_norm)
+        l_global = self.global_term(student_cls, teacher_cls, epoch)
+        student = _stacked(student_obj)  # 2M x K: rows 0..M-1 view 1, M..2M-1 view 2
+        m = teacher_obj[0].shape[0]
+        zero = student.sum() * 0.0  # keeps an empty term in the graph
+        own = torch.arange(m, device=student.device)
+        use_bank = neighbours is not None and epoch >= self.cross_image_start_epoch
+        # each teacher row and the student row it teaches: view 2's teacher teaches view 1's
+        # student and conversely; the neighbours of a view-1 object teach its view-2 vector and conversely
+        teachers, rows = [teacher_obj[1], teacher_obj[0]], [own, own + m]
+        n1 = n2 = 0
+        if use_bank:
+            c1, c2 = cycle[0].reshape(m, -1), cycle[1].reshape(m, -1)
+            nn1, nn2 = neighbours
+            if not neighbours_selected:
+                nn1, nn2 = nn1.reshape(m, c1.shape[1], -1)[c1], nn2.reshape(m, c2.shape[1], -1)[c2]
+            n1, n2 = int(c1.sum()), int(c2.sum())
+            teachers += [nn1, nn2]
+            rows += [c1.nonzero()[:, 0] + m, c2.nonzero()[:, 0]]
+        h = self._cross_entropies(student, teachers, rows, self.center_obj, temp, self.student_temp)
+        l_view = h[:2 * m].mean() if m else zero  # = (mean_k H(t1, s2) + mean_k H(t2, s1)) / 2
+        l_image = zero
+        if use_bank:
+            image1, image2 = h[2 * m:2 * m + n1].sum(), h[2 * m + n1:].sum()
+            if self.cross_image_norm == "first_direction":
+                l_image = (image1 / n1 + image2 / n1) / 2 if n1 else zero
+            elif self.cross_image_norm == "per_direction":
+                l_image = ((image1 / n1 if n1 else zero) + (image2 / n2 if n2 else zero)) / 2
+            else:
+                raise ValueError(f"cross_image_norm must be 'first_direction' or 'per_direction', "
+                                 f"got {self.cross_image_norm!r}")
         self.update_object_center(teacher_obj)
         w = self.weights
         total = w.global_ * l_global + w.cross_view * l_view + w.cross_image * l_image
         return {"loss": total, "global": l_global.detach(), "cross_view": l_view.detach(),
                 "cross_image": l_image.detach()}
 
+    def global_term(self, student_cls: list[torch.Tensor] | torch.Tensor, teacher_cls: list[torch.Tensor] | torch.Tensor,
+                    epoch: int) -> torch.Tensor:
+        """DINO's [CLS] loss and centre update (:class:`DINOLoss`), through the lean cross-entropy for two views."""
+        if not torch.is_tensor(student_cls) and (len(student_cls) != 2 or len(teacher_cls) != 2):
+            return self.global_loss(list(student_cls), list(teacher_cls), epoch)
+        dino = self.global_loss
+        student = _stacked(student_cls)
+        teachers = teacher_cls.chunk(2) if torch.is_tensor(teacher_cls) else teacher_cls
+        b = teachers[0].shape[0]
+        own = torch.arange(b, device=student.device)
+        # view 1's teacher teaches view 2's student and conversely: (H(t1, s2).mean + H(t2, s1).mean) / 2
+        h = self._cross_entropies(student, [teachers[1], teachers[0]], [own, own + b], dino.center,
+                                  dino.teacher_temp(epoch), dino.student_temp)
+        dino.update_center(list(teachers))
+        return h.mean()
+
+    @staticmethod
+    def _cross_entropies(student: torch.Tensor, teachers: list[torch.Tensor], rows: list[torch.Tensor],
+                         center: torch.Tensor, temp: float, student_temp: float) -> torch.Tensor:
+        """``H`` of each teacher row (logits, in the order of ``teachers``) against the student row it teaches."""
+        all_rows = torch.cat(rows)
+        order = torch.argsort(all_rows, stable=True)  # soft_cross_entropy wants the targets by row
+        place = torch.empty_like(order)
+        place[order] = torch.arange(order.numel(), device=order.device)
+        probs = _centred_sharpened(teachers, list(place.split([r.numel() for r in rows])), center, temp)
+        return soft_cross_entropy(student, probs, all_rows[order], student_temp)[place]
+
     @torch.no_grad()
     def update_object_center(self, teacher_obj: tuple[torch.Tensor, torch.Tensor]) -> None:
-        logits = torch.cat([t.float() for t in teacher_obj])
-        total = logits.sum(dim=0, keepdim=True)
-        count = torch.tensor([float(logits.shape[0])], device=logits.device)
+        total = sum(at_least_fp32(t).sum(dim=0, keepdim=True) for t in teacher_obj)
+        count = torch.tensor([float(sum(t.shape[0] for t in teacher_obj))], device=self.center_obj.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(total)
             dist.all_reduce(count)
         if count.item() > 0:
             self.center_obj.mul_(self.center_momentum).add_(total / count, alpha=1 - self.center_momentum)
+
+
+@torch.no_grad()
+def _centred_sharpened(logits: list[torch.Tensor], places: list[torch.Tensor], center: torch.Tensor,
+                       temp: float) -> torch.Tensor:
+    """:func:`teacher_probs` of the ``logits`` rows, written at rows ``places`` of one buffer and computed in place."""
+    first = at_least_fp32(logits[0])
+    probs = first.new_empty(sum(t.shape[0] for t in logits), first.shape[1])
+    for part, place in zip(logits, places):
+        probs.index_copy_(0, place, at_least_fp32(part.detach()))
+    probs.sub_(center).div_(temp)
+    probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()
+    return probs.div_(probs.sum(dim=-1, keepdim=True))
+
+
+def _stacked(views: tuple[torch.Tensor, torch.Tensor] | list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """Both views' rows in one tensor, view 1 first (a copy only when given separately)."""
+    return views if torch.is_tensor(views) else torch.cat(list(views))

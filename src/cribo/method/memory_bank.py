@@ -110,7 +110,7 @@ class ObjectMemoryBank:
         """
         if top_k > self.num_valid:
             raise ValueError(f"top_k = {top_k} but the bank holds {self.num_valid} valid entries")
-        q1n, q2n = F.normalize(q1.float(), dim=-1), F.normalize(q2.float(), dim=-1)
+        q1n, q2n = F.normalize(q1.to(self.normed.dtype), dim=-1), F.normalize(q2.to(self.normed.dtype), dim=-1)
         segments = self.valid_segments()
         j1 = _top_k(q1n, self.normed[0], segments, chunk, top_k)  # M x k
         j2 = _top_k(q2n, self.normed[1], segments, chunk, top_k)

@@ -45,14 +45,16 @@ def test_dry_run_plans_every_stage_even_with_committed_tables(tmp_path):
     out = _snakemake(workdir, "-n")
     assert out.returncode == 0, out.stderr
     text = out.stdout + out.stderr
-    # ci.yaml: 4 runs + 1 ablation of cribo, trained, + 1 imported baseline (a random ResNet-50): 6 evaluated;
-    # 2 splits each; fractions [1.0 (one seed), 0.25 (two seeds)] -> 3 rows per run; linear protocols
-    # leopart + mmseg -> 2 rows per run; one fine-tuning decoder (mask); SVM: 2 splits, 1 full + k=2 x
-    # 2 selections per run; detection for the baseline only
-    for rule, count in (("download_toyscenes", 1), ("run_config", 5), ("pretrain", 5), ("init_weights", 1),
-                        ("import_baseline", 1), ("extract", 12), ("eval_incontext", 18), ("eval_linear", 12),
-                        ("eval_finetune", 6), ("extract_global", 12), ("eval_svm", 6), ("eval_svm_lowshot", 12),
-                        ("eval_detect", 1), ("table", 1)):
+    # ci.yaml merged into config.yaml: random, pixels, supervised, dino, cribo, byol, orl + 1 ablation of
+    # cribo, trained, + 1 imported baseline (a random ResNet-50): 9 evaluated; 2 splits each; one in-context
+    # job per run (every fraction and seed) and one overclustering job per run (every K); linear protocols
+    # leopart + mmseg -> 2 rows per run; one fine-tuning decoder (mask); SVM: 2 splits, 1 full + k=2 x 2
+    # selections per run; detection for the baseline only; ORL stage 2 in 2 shards
+    for rule, count in (("download_toyscenes", 1), ("run_config", 8), ("pretrain", 8), ("init_weights", 1),
+                        ("import_baseline", 1), ("extract", 18), ("eval_incontext", 9), ("eval_overcluster", 9),
+                        ("eval_linear", 18), ("eval_finetune", 9), ("extract_global", 18), ("eval_svm", 9),
+                        ("eval_svm_lowshot", 18), ("eval_detect", 1), ("orl_proposals", 2), ("orl_correspondence", 1),
+                        ("table", 1)):
         assert any(line.split() == [rule, str(count)] for line in text.splitlines()), (rule, text[-2000:])
 
 
@@ -74,6 +76,15 @@ def test_failed_pretrain_leaves_no_completion_marker_and_no_table(tmp_path):
     # 8 training images cannot fill a batch of 32: the DINO run fails, the baselines succeed
     workdir = _workdir(tmp_path, dataset__toyscenes__num_train=8, dataset__toyscenes__num_val=4,
                        runs={"random": {"method": "random"}, "dino": {"method": "dino"}}, ablations={})
+    # these two runs only: the test config replaces the embedded default instead of adding its runs,
+    # and the image-level protocols (SVM, detection of an imported baseline) stay off
+    cfg = yaml.safe_load((workdir / "config" / "test.yaml").read_text())
+    for key in ("baselines", "orl"):
+        cfg.pop(key, None)
+    for key in ("svm", "detect"):
+        cfg["evaluate"].pop(key, None)
+    for name in ("test.yaml", "config.yaml"):
+        (workdir / "config" / name).write_text(yaml.safe_dump(cfg))
     out = _snakemake(workdir, "--cores", "2", "--keep-going")
     assert out.returncode != 0
     summaries = {p.parent.parent.name: p for p in workdir.glob("results/ci/*/pretrain/summary.json")}

@@ -62,9 +62,9 @@ def test_baseline_run_ids_do_not_depend_on_dino_settings():
 def test_embedded_default_resolves(tmp_path):
     cfg = load_yaml("config/config.yaml")
     runs = resolve_runs(cfg)
-    assert set(runs) == {"random", "pixels", "dino", "cribo", "cribo~cribo.cycle_check=false"}
+    assert set(runs) == {"random", "pixels", "supervised", "dino", "cribo", "cribo~cribo.cycle_check=false"}
     assert runs["dino"]["data"]["root"].startswith("resources/toyscenes-")
-    assert len({run_id(r) for r in runs.values()}) == 5
+    assert len({run_id(r) for r in runs.values()}) == 6
 
 
 def test_unreadable_config_names_the_file(tmp_path):

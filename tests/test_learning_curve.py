@@ -24,7 +24,8 @@ def _bench():
 
 def _workflow_config(tmp_path):
     cfg = {"experiment": "curve", "dataset": {"name": "toyscenes", "toyscenes": {"num_train": 16, "num_val": 4}},
-           "pretrain": {"seed": 0, "model": {"arch": "vit_tiny", "patch_size": 8, "img_size": 32, "depth": 2}},
+           "pretrain": {"seed": 0, "model": {"arch": "vit_tiny", "patch_size": 8, "img_size": 32, "depth": 2},
+                        "cribo": {"num_clusters": 4}},  # at most the 16 tokens of a 32 px view
            "runs": {"random": {"method": "random"}, "pixels": {"method": "pixels"}, "dino": {"method": "dino"},
                     "cribo": {"method": "cribo"}},
            "evaluate": {"image_size": 32, "incontext": {"k": 5, "memory_passes": 1, "memory_augment": False}}}

@@ -124,7 +124,7 @@ def test_deterministic_and_independent_of_workers(tmp_path):
 
 
 def test_colour_does_not_reveal_the_object_class(tmp_path):
-    root = generate(tmp_path / "col", num_train=60, num_val=1, image_size=64, seed=0, workers=2, progress=False)
+    root = generate(tmp_path / "col", num_train=80, num_val=1, image_size=64, seed=0, workers=2, progress=False)
     coco = COCO(str(root / "annotations" / "instances_train.json"))
     feats, classes = [], []
     for ann in coco.loadAnns(coco.getAnnIds()):

@@ -125,8 +125,9 @@ def _texture(name: str, ys: np.ndarray, xs: np.ndarray, scale: float, rng: np.ra
         cells = int(np.ceil(size / cell)) + 1
         grain = rng.random((cells, cells)) < 0.5
         return grain[(ys / cell).astype(int), (xs / cell).astype(int)].astype(np.float64)
-    if name == "plain":  # one colour: the absence of texture is this class's cue
-        return np.full_like(ys, float(rng.random() < 0.5))
+    if name == "plain":  # no texture is this class's cue; a random mix of its two colours, since a pure
+        # palette colour would make its mean colour stand out from the textures' two-colour averages
+        return np.full_like(ys, rng.uniform(0.0, 1.0))
     if name == "diagonal":  # one diagonal, either way (a flip maps one onto the other)
         p = _period(rng, 4.0, 5.5, scale)
         return _stripes(xs + ys if rng.random() < 0.5 else xs - ys, p, rng)

@@ -153,13 +153,15 @@ def test_baseline_weights_enter_the_dag_as_runs(tmp_path):
     out = _snakemake(workdir, "-n")
     assert out.returncode == 0, out.stderr
     text = out.stdout + out.stderr
-    # 5 trained runs + the baseline: one import, no pretraining of it, its features and rows like the others
-    for rule, count in (("import_baseline", 1), ("pretrain", 5), ("extract", 12), ("eval_incontext", 18)):
+    # 8 trained runs (config.yaml's and ci.yaml's, + the ablation) + the baseline: one import, no pretraining
+    # of it, its features and rows like the others (one in-context job per run)
+    for rule, count in (("import_baseline", 1), ("pretrain", 8), ("extract", 18), ("eval_incontext", 9)):
         assert any(line.split() == [rule, str(count)] for line in text.splitlines()), (rule, text[-3000:])
 
 
 def test_released_checkpoints_named_in_baselines_are_fetched_by_the_import(tmp_path):
-    workdir = _workdir(tmp_path, baselines=["cribo_vits16_coco", "dino_vits16"])
+    # replaces ci.yaml's baselines, so detection (which names ci.yaml's random ResNet-50) is off
+    workdir = _workdir(tmp_path, baselines=["cribo_vits16_coco", "dino_vits16"], evaluate__detect__runs=[])
     out = _snakemake(workdir, "-n", "-p")
     assert out.returncode == 0, out.stderr
     text = out.stdout + out.stderr

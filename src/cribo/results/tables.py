@@ -106,15 +106,24 @@ def build_finetune_table(rows: list[dict]) -> pd.DataFrame:
     return _segmentation_table(rows, "finetune", FINETUNE_COLUMNS)
 
 
-def _segmentation_table(rows: list[dict], protocol: str, settings: list[str]) -> pd.DataFrame:
-    rows = [r for r in rows if r.get("protocol") == protocol]
-    columns = settings + ["miou", "pixel_accuracy"]
+def _protocol_frame(rows: list[dict], protocols: tuple[str, ...], columns: list[str]) -> pd.DataFrame:
+    """The rows of ``protocols`` as a frame holding every one of ``columns`` (missing cells None; no rows:
+    an empty frame with those columns)."""
+    rows = [r for r in rows if r.get("protocol") in protocols]
     if not rows:
         return pd.DataFrame(columns=columns)
     frame = pd.DataFrame(rows)
     for col in columns:
         if col not in frame:
             frame[col] = None
+    return frame
+
+
+def _segmentation_table(rows: list[dict], protocol: str, settings: list[str]) -> pd.DataFrame:
+    columns = settings + ["miou", "pixel_accuracy"]
+    frame = _protocol_frame(rows, (protocol,), columns)
+    if frame.empty:
+        return frame
     order = ["experiment", "run_name", "dataset", settings[6]]
     table = frame[columns].sort_values(order).reset_index(drop=True)
     return table.round({"miou": 2, "pixel_accuracy": 2})
@@ -127,14 +136,10 @@ SVM_COLUMNS = ["experiment", "run_name", "run_id", "method", "arch", "dataset", 
 def build_svm_table(rows: list[dict]) -> pd.DataFrame:
     """VOC07 SVM rows (``k`` empty) and low-shot rows (one per k and cost selection): mAP, and for
     low-shot its sample standard deviation over the random training sets."""
-    rows = [r for r in rows if r.get("protocol") in ("svm", "svm_lowshot")]
     columns = SVM_COLUMNS + ["map", "map_std"]
-    if not rows:
-        return pd.DataFrame(columns=columns)
-    frame = pd.DataFrame(rows)
-    for col in columns:
-        if col not in frame:
-            frame[col] = None
+    frame = _protocol_frame(rows, ("svm", "svm_lowshot"), columns)
+    if frame.empty:
+        return frame
     frame["k"] = frame["k"].astype("Int64")
     table = frame[columns].sort_values(["experiment", "run_name", "dataset", "protocol", "k", "cost_selection"],
                                        na_position="first").reset_index(drop=True)
@@ -148,14 +153,10 @@ DETECT_METRICS = ["AP_bb", "AP50_bb", "AP75_bb", "AP_mk", "AP50_mk", "AP75_mk"]
 
 def build_detect_table(rows: list[dict]) -> pd.DataFrame:
     """Detection rows: box and mask AP / AP50 / AP75 (%) with the schedule run and seconds per iteration."""
-    rows = [r for r in rows if r.get("protocol") == "detect"]
     columns = DETECT_COLUMNS + DETECT_METRICS + ["seconds_per_iteration"]
-    if not rows:
-        return pd.DataFrame(columns=columns)
-    frame = pd.DataFrame(rows)
-    for col in columns:
-        if col not in frame:
-            frame[col] = None
+    frame = _protocol_frame(rows, ("detect",), columns)
+    if frame.empty:
+        return frame
     table = frame[columns].sort_values(["experiment", "run_name", "dataset"]).reset_index(drop=True)
     return table.round({**{m: 2 for m in DETECT_METRICS}, "seconds_per_iteration": 3})
 

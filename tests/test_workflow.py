@@ -48,12 +48,13 @@ def test_dry_run_plans_every_stage_even_with_committed_tables(tmp_path):
     # ci.yaml merged into config.yaml: random, pixels, supervised, dino, cribo, byol, orl + 1 ablation of
     # cribo, trained, + 1 imported baseline (a random ResNet-50): 9 evaluated; 2 splits each; one in-context
     # job per run (every fraction and seed) and one overclustering job per run (every K); linear protocols
-    # leopart + mmseg -> 2 rows per run; one fine-tuning decoder (mask); SVM: 2 splits, 1 full + k=2 x 2
-    # selections per run; detection for the baseline only; ORL stage 2 in 2 shards
+    # leopart + mmseg -> 2 rows per run; one fine-tuning decoder (mask); SVM for svm.runs (cribo and the
+    # baseline): 2 splits, 1 full + k=2 x 2 selections per run; detection for the baseline only; ORL stage 2
+    # in 2 shards
     for rule, count in (("download_toyscenes", 1), ("run_config", 8), ("pretrain", 8), ("init_weights", 1),
                         ("import_baseline", 1), ("extract", 18), ("eval_incontext", 9), ("eval_overcluster", 9),
-                        ("eval_linear", 18), ("eval_finetune", 9), ("extract_global", 18), ("eval_svm", 9),
-                        ("eval_svm_lowshot", 18), ("eval_detect", 1), ("orl_proposals", 2), ("orl_correspondence", 1),
+                        ("eval_linear", 18), ("eval_finetune", 9), ("extract_global", 4), ("eval_svm", 2),
+                        ("eval_svm_lowshot", 4), ("eval_detect", 1), ("orl_proposals", 2), ("orl_correspondence", 1),
                         ("table", 1)):
         assert any(line.split() == [rule, str(count)] for line in text.splitlines()), (rule, text[-2000:])
 
@@ -62,6 +63,12 @@ def test_workflow_config_typo_names_the_key(tmp_path):
     out = _snakemake(_workdir(tmp_path, evaluate__incontext__temprature=0.1), "-n")
     assert out.returncode != 0
     assert "temprature" in out.stderr + out.stdout
+
+
+def test_svm_runs_naming_no_run_is_refused(tmp_path):
+    out = _snakemake(_workdir(tmp_path, evaluate__svm__runs=["cribo", "crib0"]), "-n")
+    assert out.returncode != 0
+    assert "evaluate.svm.runs names crib0" in out.stderr + out.stdout
 
 
 def test_run_config_typo_names_the_key_and_the_file(tmp_path):

@@ -139,12 +139,20 @@ def detect_rows():
     return [f"results/{EXPERIMENT}/{RUN_IDS[name]}/eval/detect/{DETECT_ID}.json" for name in DETECT["runs"]]
 
 
+_unknown_svm = [n for n in (SVM["runs"] or []) if n not in RUN_IDS]
+if _unknown_svm:
+    raise ConfigError(f"evaluate.svm.runs names {', '.join(_unknown_svm)}, which are neither runs nor "
+                      f"baselines ({', '.join(RUN_IDS)}); list some of them, or null for every one")
+
+
 def svm_rows():
-    """The full SVM row and every (k, cost selection) low-shot row of every run, when enabled."""
+    """The full SVM row and every (k, cost selection) low-shot row of every run (or of svm.runs), when enabled."""
     if not SVM["enabled"]:
         return []
     rows = []
-    for rid in RUN_IDS.values():
+    for name, rid in RUN_IDS.items():
+        if SVM["runs"] is not None and name not in SVM["runs"]:
+            continue
         rows.append(f"results/{EXPERIMENT}/{rid}/eval/svm/{SVM_ID}/full.json")
         rows += [f"results/{EXPERIMENT}/{rid}/eval/svm/{SVM_ID}/lowshot-k{k}-{sel}.json"
                  for k in SVM["lowshot_k"] for sel in SVM["lowshot_selection"]]

@@ -31,6 +31,18 @@ def test_cluster_class_counts_ignores_void_and_names_bad_labels():
         cluster_class_counts(maps, np.array([[[7, 0], [0, 0]]]), 2, 2)
 
 
+def test_pixel_accuracy_counts_pixels_of_the_mapped_clusters():
+    # 2 images of 2 x 1 patches, 2 classes; every patch feature is the same point, so every K-means
+    # restart puts all patches in one cluster; Hungarian matching (K = 2 classes) maps it to one class.
+    # Masks: class 0 covers 3 of the 4 patches' pixels, class 1 one: the single cluster goes to class 0,
+    # pixel accuracy = 3/4, IoU(0) = 3/4, IoU(1) = 0 -> mIoU 37.5
+    features = np.zeros((2, 2, 3))
+    masks = np.array([[[0, 0], [0, 0]], [[0, 0], [1, 1]]], dtype=np.uint8)
+    result = overcluster(features, masks, (2, 1), 2, 2, seeds=(0,), pca_dim=2, restarts=1)
+    assert result["pixel_accuracy"] == pytest.approx(75.0)
+    assert result["miou"] == pytest.approx(37.5)
+
+
 def test_well_separated_features_are_recovered_perfectly():
     # 3 classes laid out in image halves/quarters; features = class centre + small noise, every
     # dimension informative (standardisation would blow pure-noise dimensions up to unit variance)
@@ -45,6 +57,7 @@ def test_well_separated_features_are_recovered_perfectly():
     for k in (3, 6):  # K = classes (Hungarian) and K > classes (many-to-one)
         result = overcluster(features, masks, (h, w), 3, k, seeds=(0, 1), pca_dim=3, restarts=2)
         assert result["miou"] == pytest.approx(100.0) and result["miou_std"] == pytest.approx(0.0)
+        assert result["pixel_accuracy"] == pytest.approx(100.0)
         assert result["matching"] == ("hungarian" if k == 3 else "many-to-one")
     with pytest.raises(ValueError, match="cannot form"):
         overcluster(features[:1], masks[:1], (h, w), 3, 50, seeds=(0,))

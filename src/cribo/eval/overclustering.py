@@ -86,8 +86,9 @@ def overcluster(features: np.ndarray, masks: np.ndarray, grid: tuple[int, int], 
                 ignore_index: int = 255) -> dict:
     """Overclustering mIoU of ``V x N x D`` features against ``V x S x S`` masks, mean and std over seeds.
 
-    Returns ``{"miou", "miou_std", "per_seed_miou", "per_class_iou" (mean over seeds, None if never
-    valid), "clusters", "matching", "seeds", "pca_dim", "iterations", "restarts"}``.
+    Returns ``{"miou", "miou_std", "per_seed_miou", "pixel_accuracy" (mean over seeds, after the same
+    cluster-to-class mapping), "per_class_iou" (mean over seeds, None if never valid), "clusters", "matching",
+    "seeds", "pca_dim", "iterations", "restarts"}``.
     """
     v, n, _ = features.shape
     h, w = grid
@@ -96,17 +97,18 @@ def overcluster(features: np.ndarray, masks: np.ndarray, grid: tuple[int, int], 
     x = reduce_features(np.asarray(features).reshape(v * n, -1), pca_dim)
     size = masks.shape[1:]
     exclude = (ignore_index,) if 0 <= ignore_index < num_classes else ()
-    scores, per_class = [], []
+    scores, per_class, accuracies = [], [], []
     for seed in seeds:
         labels = kmeans_labels(x, clusters, seed, iterations, restarts).reshape(v, 1, h, w)
         maps = F.interpolate(torch.from_numpy(labels).float(), size=size, mode="nearest").long()[:, 0].numpy()
         counts = cluster_class_counts(maps, np.asarray(masks), clusters, num_classes, ignore_index)
         result = miou_from_confusion(matched_confusion(counts, match_clusters(counts)), "identity", exclude)
         scores.append(result["miou"])
+        accuracies.append(result["pixel_accuracy"])
         per_class.append(result["per_class_iou"])
     per_class_mean = [None if all(p[c] is None for p in per_class) else
                       float(np.mean([p[c] for p in per_class if p[c] is not None])) for c in range(num_classes)]
     return {"miou": float(np.mean(scores)), "miou_std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
-            "per_seed_miou": scores, "per_class_iou": per_class_mean, "clusters": clusters,
+            "per_seed_miou": scores, "pixel_accuracy": float(np.mean(accuracies)), "per_class_iou": per_class_mean, "clusters": clusters,
             "matching": "hungarian" if clusters == num_classes else "many-to-one", "seeds": list(seeds),
             "pca_dim": pca_dim, "iterations": iterations, "restarts": restarts}

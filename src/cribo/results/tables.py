@@ -76,7 +76,7 @@ OVERCLUSTER_COLUMNS = ["experiment", "run_name", "run_id", "method", "arch", "da
 def build_overcluster_table(rows: list[dict]) -> pd.DataFrame:
     """One line per (experiment, run, dataset, K): mIoU mean and std over k-means seeds (held in each row)."""
     rows = [r for r in rows if r.get("protocol") == "overcluster"]
-    columns = OVERCLUSTER_COLUMNS + ["miou", "miou_std", "seeds"]
+    columns = OVERCLUSTER_COLUMNS + ["miou", "miou_std", "pixel_accuracy", "seeds"]
     if not rows:
         return pd.DataFrame(columns=columns)
     frame = pd.DataFrame(rows)
@@ -84,9 +84,11 @@ def build_overcluster_table(rows: list[dict]) -> pd.DataFrame:
         if col not in frame:
             frame[col] = None
     frame[OVERCLUSTER_COLUMNS] = frame[OVERCLUSTER_COLUMNS].fillna("-")
+    if "pixel_accuracy" not in frame:  # rows written before overclustering reported it
+        frame["pixel_accuracy"] = None
     frame["seeds"] = frame["seeds"].map(len)
     table = frame[columns].sort_values(OVERCLUSTER_COLUMNS[:2] + ["dataset", "clusters"]).reset_index(drop=True)
-    return table.round({"miou": 2, "miou_std": 2})
+    return table.round({"miou": 2, "miou_std": 2, "pixel_accuracy": 2})
 
 
 LINEAR_COLUMNS = ["experiment", "run_name", "run_id", "method", "arch", "dataset", "protocol_name", "image_size",

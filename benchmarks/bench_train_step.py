@@ -99,6 +99,14 @@ def synthetic_views(batch: int, size: int, generator: torch.Generator):
     return views, positions
 
 
+def param_groups(model: torch.nn.Module) -> list[dict]:
+    """The groups :meth:`cribo.method.base.Method.param_groups` makes for CrIBo: weights decayed, biases and
+    norms not."""
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and not (n.endswith(".bias") or p.ndim == 1)]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (n.endswith(".bias") or p.ndim == 1)]
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def build(args):
     model_cfg = {"arch": args.arch, "patch_size": 16, "img_size": args.img}
 
@@ -116,9 +124,10 @@ def build(args):
     bank = ObjectMemoryBank(args.queue, args.clusters, student.backbone.embed_dim,
                             generator=torch.Generator().manual_seed(0))
     if hasattr(engine, "build_optimizer") and not args.plain_adamw:  # the engine's optimizer
-        optimizer = engine.build_optimizer(student, torch.device("cpu"))
+        optimizer = engine.build_optimizer({"optim": {"optimizer": "adamw"}}, param_groups(student),
+                                           torch.device("cpu"))
     else:
-        optimizer = torch.optim.AdamW(engine.param_groups(student))
+        optimizer = torch.optim.AdamW(param_groups(student))
     for group in optimizer.param_groups:
         group["lr"] = 5e-4
     settings = ClusteringSettings(args.clusters, args.pos_alpha)

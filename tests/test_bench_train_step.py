@@ -1,0 +1,24 @@
+"""The training-step benchmark runs on the engine's current interfaces (it is not imported by the package, so
+nothing else would notice an interface change breaking it) and reports what it promises."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_step.py"
+
+
+def test_bench_train_step_runs_a_tiny_step_and_prints_every_phase():
+    # 64 px at patch 16 = 4 x 4 tokens per view, K = 4 objects; 256-wide heads keep it to seconds
+    out = subprocess.run([sys.executable, str(SCRIPT), "--preset", "issue", "--img", "64", "--clusters", "4",
+                          "--out-dim", "256", "--steps", "1", "--warmup", "1", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "images/s" in out.stdout and "peak RSS" in out.stdout
+    phases = next(line for line in out.stdout.splitlines() if line.startswith("phase ms/step:"))
+    for phase in ("data", "backbone", "clustering", "bank", "heads", "losses", "backward", "optimizer", "ema"):
+        assert f" {phase} " in phases + " ", phase

@@ -145,6 +145,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plain-adamw", action="store_true", help="torch's default AdamW, not the engine's")
+    parser.add_argument("--count-flops", action="store_true",
+                        help="after the timed steps, count one step's FLOPs (torch's FlopCounterMode: matmuls, "
+                             "convolutions and attention, forward and backward) and the rate the median step achieved")
     args = parser.parse_args()
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
@@ -165,6 +168,14 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
 
     step_seconds, cpu_seconds, objects, cycles = [], [], [], []
+
+    def one_step():
+        views, positions = synthetic_views(args.batch, args.img, generator)
+        out = cribo_step(student, teacher, loss_fn, bank, views, positions, args.epoch, settings)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        return out
+
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             clock.seconds.clear()
@@ -200,6 +211,14 @@ def main() -> None:
     print(f"peak RSS {peak_mib:.0f} MiB")
     print("phase ms/step: " + "  ".join(f"{name} {clock.seconds[name] * 1000 / len(step_seconds):.0f}"
                                           for name in PHASES))
+    if args.count_flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            one_step()
+        gflop = counter.get_total_flops() / 1e9
+        print(f"FLOPs per step (forward + backward, counted ops): {gflop:.1f} GFLOP; at the median step "
+              f"{gflop / statistics.median(step_seconds):.1f} GFLOP/s")
 
 
 if __name__ == "__main__":

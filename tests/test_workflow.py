@@ -152,9 +152,10 @@ def test_pretraining_on_coco_waits_for_the_coco_images(tmp_path):
 
 
 def test_baseline_weights_enter_the_dag_as_runs(tmp_path):
-    # replaces ci.yaml's baselines (its random ResNet-50, which detection then no longer names)
+    # replaces ci.yaml's baselines (its random ResNet-50, which detection and the SVM then no longer name)
     workdir = _workdir(tmp_path, baselines={"dino_tiny": {"weights": "weights/dino.pth", "method": "dino",
-                                                          "pretrain": "imagenet"}}, evaluate__detect__runs=[])
+                                                          "pretrain": "imagenet"}}, evaluate__detect__runs=[],
+                       evaluate__svm__runs=["cribo"])
     (workdir / "weights").mkdir()
     (workdir / "weights" / "dino.pth").write_bytes(b"placeholder: the dry run only plans")
     out = _snakemake(workdir, "-n")
@@ -167,8 +168,9 @@ def test_baseline_weights_enter_the_dag_as_runs(tmp_path):
 
 
 def test_released_checkpoints_named_in_baselines_are_fetched_by_the_import(tmp_path):
-    # replaces ci.yaml's baselines, so detection (which names ci.yaml's random ResNet-50) is off
-    workdir = _workdir(tmp_path, baselines=["cribo_vits16_coco", "dino_vits16"], evaluate__detect__runs=[])
+    # replaces ci.yaml's baselines, so detection and the SVM (which name ci.yaml's random ResNet-50) leave it out
+    workdir = _workdir(tmp_path, baselines=["cribo_vits16_coco", "dino_vits16"], evaluate__detect__runs=[],
+                       evaluate__svm__runs=["cribo"])
     out = _snakemake(workdir, "-n", "-p")
     assert out.returncode == 0, out.stderr
     text = out.stdout + out.stderr

@@ -121,11 +121,16 @@ def overcluster_rows():
             for rid in RUN_IDS.values() for k in OVERCLUSTER["clusters"]]
 
 
+def check_named_runs(key: str, names) -> None:
+    """A config list of run names (``evaluate.<key>.runs``) may only name runs and baselines."""
+    unknown = [n for n in (names or []) if n not in RUN_IDS]
+    if unknown:
+        raise ConfigError(f"evaluate.{key}.runs names {', '.join(unknown)}, which are neither runs nor "
+                          f"baselines ({', '.join(RUN_IDS)})")
+
+
 DETECT = EVAL["detect"]
-_unknown_detect = [n for n in DETECT["runs"] if n not in RUN_IDS]
-if _unknown_detect:
-    raise ConfigError(f"evaluate.detect.runs names {', '.join(_unknown_detect)}, which are neither runs nor "
-                      f"baselines ({', '.join(RUN_IDS)})")
+check_named_runs("detect", DETECT["runs"])
 DETECT_FILES = {
     "train_ann": DETECT["train_ann"] or f"{DATA_ROOT}/annotations/instances_train.json",
     "val_ann": DETECT["val_ann"] or f"{DATA_ROOT}/annotations/instances_val.json",
@@ -139,10 +144,7 @@ def detect_rows():
     return [f"results/{EXPERIMENT}/{RUN_IDS[name]}/eval/detect/{DETECT_ID}.json" for name in DETECT["runs"]]
 
 
-_unknown_svm = [n for n in (SVM["runs"] or []) if n not in RUN_IDS]
-if _unknown_svm:
-    raise ConfigError(f"evaluate.svm.runs names {', '.join(_unknown_svm)}, which are neither runs nor "
-                      f"baselines ({', '.join(RUN_IDS)}); list some of them, or null for every one")
+check_named_runs("svm", SVM["runs"])
 
 
 def svm_rows():

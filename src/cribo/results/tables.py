@@ -74,18 +74,13 @@ OVERCLUSTER_COLUMNS = ["experiment", "run_name", "run_id", "method", "arch", "da
 
 
 def build_overcluster_table(rows: list[dict]) -> pd.DataFrame:
-    """One line per (experiment, run, dataset, K): mIoU mean and std over k-means seeds (held in each row)."""
-    rows = [r for r in rows if r.get("protocol") == "overcluster"]
+    """One line per (experiment, run, dataset, K): mIoU mean and std over k-means seeds (held in each row)
+    and pixel accuracy (empty for rows written before overclustering reported it)."""
     columns = OVERCLUSTER_COLUMNS + ["miou", "miou_std", "pixel_accuracy", "seeds"]
-    if not rows:
-        return pd.DataFrame(columns=columns)
-    frame = pd.DataFrame(rows)
-    for col in OVERCLUSTER_COLUMNS:
-        if col not in frame:
-            frame[col] = None
+    frame = _protocol_frame(rows, ("overcluster",), columns)
+    if frame.empty:
+        return frame
     frame[OVERCLUSTER_COLUMNS] = frame[OVERCLUSTER_COLUMNS].fillna("-")
-    if "pixel_accuracy" not in frame:  # rows written before overclustering reported it
-        frame["pixel_accuracy"] = None
     frame["seeds"] = frame["seeds"].map(len)
     table = frame[columns].sort_values(OVERCLUSTER_COLUMNS[:2] + ["dataset", "clusters"]).reset_index(drop=True)
     return table.round({"miou": 2, "miou_std": 2, "pixel_accuracy": 2})

@@ -12,6 +12,7 @@ differ by ~1e-7 relative, i.e. up to ~1e-4 on the O(100) gradients of this tiny 
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -138,3 +139,26 @@ def test_optimised_step_equals_reference_losses_and_gradients(float64, top_k, no
         with torch.no_grad():  # a small update, so the next epoch compares different weights
             for p in student.parameters():
                 p.add_(torch.randn_like(p) * 1e-3)
+
+
+def test_a_step_whose_views_share_no_object_trains_the_global_term_only(monkeypatch):
+    # every view-1 token in cluster 0 and every view-2 token in cluster 1: no cluster is present in both
+    # views, so the batch has M = 0 objects (possible on one rank of a multi-GPU run); the step must not crash
+    import cribo.method.cribo as cribo_module
+
+    def split_by_view(tokens, positions, num_clusters, *args):
+        b, two_n, _ = tokens.shape
+        assignment = torch.zeros(b, two_n, num_clusters)
+        assignment[:, : two_n // 2, 0] = 1.0
+        assignment[:, two_n // 2:, 1] = 1.0
+        return assignment
+
+    monkeypatch.setattr(cribo_module, "joint_view_clustering", split_by_view)
+    student, teacher, loss_fn, bank, settings, views, positions = _tiny_setup(1, "first_direction")
+    counts_before = bank.counts.clone()
+    out, grads = _run(cribo_step, student, teacher, loss_fn, bank, views, positions, 1, settings)
+    assert out["objects_per_image"] == 0.0 and out["cross_view"].item() == 0.0 and out["cross_image"].item() == 0.0
+    assert out["loss"].item() == pytest.approx(out["global"].item()) and math.isfinite(out["loss"].item())
+    assert grads and all(torch.isfinite(g).all() for g in grads.values())
+    # the three images still take their FIFO slots, with no object each
+    assert bank.counts[:3].tolist() == [0, 0, 0] and bank.counts[3:].tolist() == counts_before[:3].tolist()

@@ -94,3 +94,23 @@ def test_cross_image_with_two_neighbours_counts_consistent_pairs():
     term1 = (_h([1, 0], [0.0, 0.0], 0.1) + _h([0.5, 0.5], [0.0, 0.0], 0.1)) / 2  # both teach s2[0]
     term2 = _h([1, 0], [0.3, 0.0], 0.1)  # nn2[2] teaches s1[2]
     assert got == pytest.approx((term1 + term2) / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("selected", [True, False])
+def test_a_batch_without_objects_leaves_only_the_global_term(selected):
+    # M = 0: both object terms are 0 (and in the graph), the object centre keeps its value
+    torch.manual_seed(0)
+    loss = CrIBoLoss(out_dim=3, object_out_dim=2, teacher_temp_schedule=[0.5, 0.5], center_momentum=0.9)
+    loss.center_obj.fill_(0.25)
+    cls = [torch.randn(2, 3), torch.randn(2, 3)]
+    student_cls = [c.clone().requires_grad_() for c in cls]
+    empty = torch.zeros(0, 2)
+    s_obj = torch.zeros(0, 2, requires_grad=True)
+    neighbours = (empty, empty) if selected else (torch.zeros(0, 1, 2), torch.zeros(0, 1, 2))
+    cycle = (torch.zeros(0, 1, dtype=torch.bool), torch.zeros(0, 1, dtype=torch.bool))
+    out = loss(student_cls, cls, s_obj, (empty, empty), neighbours, cycle, epoch=1, neighbours_selected=selected)
+    assert out["cross_view"].item() == 0.0 and out["cross_image"].item() == 0.0
+    assert out["loss"].item() == pytest.approx(out["global"].item(), rel=1e-6) and out["global"].item() > 0
+    out["loss"].backward()
+    assert student_cls[0].grad.abs().sum() > 0
+    assert loss.center_obj.tolist() == [[0.25, 0.25]]

@@ -95,3 +95,11 @@ def test_retrieval_over_a_wrapped_ring_equals_brute_force():
     sims = torch.nn.functional.normalize(q1, dim=-1) @ bank.normed[0, rows].T
     top3 = rows[sims.topk(3, dim=1).indices]
     assert torch.equal(bank.retrieve(q1, q2, top_k=3, chunk=7).nn_view1[0], bank.entries[0, top3])
+
+
+def test_a_batch_without_objects_retrieves_nothing():
+    # a rank can draw a batch whose views share no cluster: M = 0 queries must give empty results, not a crash
+    bank = _bank()
+    r = bank.retrieve(torch.zeros(0, 2), torch.zeros(0, 2), top_k=2)
+    assert r.nn_view1.shape == (2, 0, 2, 2) and r.nn_view2.shape == (2, 0, 2, 2)
+    assert r.cycle1.shape == (0, 2) and r.cycle1.dtype == torch.bool and r.cycle2.shape == (0, 2)

@@ -146,10 +146,12 @@ class CrIBoLoss(nn.Module):
         teachers, rows = [teacher_obj[1], teacher_obj[0]], [own, own + m]
         n1 = n2 = 0
         if use_bank:
-            c1, c2 = cycle[0].reshape(m, -1), cycle[1].reshape(m, -1)
+            # M or M x k masks as M x k (reshape(m, -1) is ambiguous when a batch has no object, m = 0)
+            c1, c2 = (c if c.dim() == 2 else c[:, None] for c in cycle)
             nn1, nn2 = neighbours
             if not neighbours_selected:
-                nn1, nn2 = nn1.reshape(m, c1.shape[1], -1)[c1], nn2.reshape(m, c2.shape[1], -1)[c2]
+                nn1 = nn1.reshape(*c1.shape, nn1.shape[-1])[c1]
+                nn2 = nn2.reshape(*c2.shape, nn2.shape[-1])[c2]
             n1, n2 = int(c1.sum()), int(c2.sum())
             teachers += [nn1, nn2]
             rows += [c1.nonzero()[:, 0] + m, c2.nonzero()[:, 0]]

@@ -114,6 +114,9 @@ class ObjectMemoryBank:
         segments = self.valid_segments()
         j1 = _top_k(q1n, self.normed[0], segments, chunk, top_k)  # M x k
         j2 = _top_k(q2n, self.normed[1], segments, chunk, top_k)
+        if q1.shape[0] == 0:  # a batch without objects: nothing to check (argmax over 0 candidates is undefined)
+            none = torch.zeros(0, top_k, dtype=torch.bool, device=q1.device)
+            return Retrieval(self.entries[:, j1], self.entries[:, j2], none, none.clone())
         own = torch.arange(q1.shape[0], device=q1.device)[:, None]
         # cycle 1: view-1 neighbour -> its view-2 twin -> the nearest current view-2 object must be q2[m]
         cycle1 = (self.normed[1, j1] @ q2n.T).argmax(dim=-1) == own

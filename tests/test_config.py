@@ -62,9 +62,13 @@ def test_baseline_run_ids_do_not_depend_on_dino_settings():
 def test_embedded_default_resolves(tmp_path):
     cfg = load_yaml("config/config.yaml")
     runs = resolve_runs(cfg)
-    assert set(runs) == {"random", "pixels", "supervised", "dino", "cribo", "cribo~cribo.cycle_check=false"}
+    assert set(runs) == {"random", "pixels", "supervised", "dino", "cribo", "cribo~cribo.cycle_check=false",
+                         "byol", "orl"}
     assert runs["dino"]["data"]["root"].startswith("resources/toyscenes-")
-    assert len({run_id(r) for r in runs.values()}) == 6
+    assert len({run_id(r) for r in runs.values()}) == 8
+    # ORL's stage 3 reads the correspondence file that stage 2 writes from the byol run's checkpoint
+    assert runs["orl"]["orl"]["correspondence"].endswith("correspondence.npz")
+    assert run_id(runs["byol"]) in runs["orl"]["orl"]["correspondence"]
 
 
 def test_unreadable_config_names_the_file(tmp_path):

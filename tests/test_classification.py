@@ -77,3 +77,85 @@ def test_semi_mode_trains_on_the_subset_and_refuses_unknown_names(tmp_path):
     assert main(["eval", "classify", *common, "--mode", "semi", "--subset-list", str(missing),
                  "--out", str(tmp_path / "x.json")]) == 2
     assert not (tmp_path / "x.json").exists()
+
+
+def test_the_official_subset_lists_are_one_and_ten_percent_of_imagenet_train():
+    from cribo.data.registry import IMAGENET_SUBSETS
+
+    # ImageNet-1k has 1,281,167 training images; SimCLR's lists keep floor(1 %) and floor(10 %) of them
+    assert IMAGENET_SUBSETS["1percent"].images == 1_281_167 // 100
+    assert IMAGENET_SUBSETS["10percent"].images == 1_281_167 // 10
+    for entry in IMAGENET_SUBSETS.values():
+        assert len(entry.sha256) == 64 and int(entry.sha256, 16) >= 0
+        # one "nXXXXXXXX_<n>.JPEG\n" name per line: between 20 and 25 bytes each
+        assert 20 * entry.images <= entry.num_bytes <= 25 * entry.images
+
+
+def _fake_official(tmp_path, monkeypatch, served: bytes, listed: bytes | None = None):
+    """Replace the registry's 1 % list by ``listed`` (its sha256) and serve ``served`` from a local mirror."""
+    import hashlib
+
+    from cribo.data import registry
+
+    listed = served if listed is None else listed
+    entry = registry.SubsetList("1percent", "https://example.invalid/1percent.txt", "imagenet_1percent.txt",
+                                hashlib.sha256(listed).hexdigest(), len(listed), listed.count(b"\n"))
+    monkeypatch.setitem(registry.IMAGENET_SUBSETS, "1percent", entry)
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / entry.filename).write_bytes(served)
+    return mirror.as_uri()
+
+
+def test_an_official_list_is_downloaded_once_and_verified(tmp_path, monkeypatch):
+    listed = b"n00000001_1.JPEG\nn00000002_2.JPEG\n"
+    mirror = _fake_official(tmp_path, monkeypatch, listed)
+    downloads = tmp_path / "downloads"
+    path = classification.resolve_subset_list("1percent", downloads, mirror, progress=False)
+    assert path == downloads / "imagenet_1percent.txt" and path.read_bytes() == listed
+    assert classification.read_subset_list(path) == ["n00000001_1.JPEG", "n00000002_2.JPEG"]
+    # a second call finds the verified file and does not fetch (the mirror is gone)
+    (tmp_path / "mirror" / "imagenet_1percent.txt").unlink()
+    assert classification.resolve_subset_list("1percent", downloads, mirror, progress=False) == path
+
+
+def test_a_corrupt_official_list_is_refused_and_removed(tmp_path, monkeypatch):
+    from cribo.data.download import DownloadError
+
+    listed = b"n00000001_1.JPEG\nn00000002_2.JPEG\n"
+    mirror = _fake_official(tmp_path, monkeypatch, served=listed.replace(b"1_1", b"1_7"), listed=listed)
+    with pytest.raises(DownloadError, match="imagenet_1percent.txt .* is corrupt: sha256"):
+        classification.resolve_subset_list("1percent", tmp_path / "downloads", mirror, progress=False)
+    assert list((tmp_path / "downloads").iterdir()) == []
+
+
+def test_an_unknown_subset_name_names_the_official_lists(tmp_path):
+    with pytest.raises(DataError, match=r"'2percent' is neither an official list \(1percent, 10percent\) nor a file"):
+        classification.resolve_subset_list("2percent", tmp_path)
+
+
+def test_semi_mode_on_the_official_one_percent_list(tmp_path, monkeypatch):
+    common = _common(tmp_path)
+    listed = b"n00000001_2.JPEG\nn00000002_1.JPEG\nn00000002_3.JPEG\n"
+    mirror = _fake_official(tmp_path, monkeypatch, listed)
+    out = tmp_path / "semi1.json"
+    assert main(["eval", "classify", *common, "--mode", "semi", "--subset-list", "1percent", "--mirror", mirror,
+                 "--downloads", str(tmp_path / "dl"), "--out", str(out)]) == 0
+    row = json.loads(out.read_text())
+    # the row names the list and its hash; the official grid's weight decay for 1 % is 5e-4
+    assert row["subset"] == "1percent" and row["train_images"] == 3 and row["weight_decay"] == 5e-4
+    import hashlib
+
+    assert row["subset_sha256"] == hashlib.sha256(listed).hexdigest()
+
+
+def test_data_download_fetches_the_official_lists(tmp_path, monkeypatch, capsys):
+    from cribo.data import registry
+
+    listed = b"n00000001_1.JPEG\n"
+    mirror = _fake_official(tmp_path, monkeypatch, listed)
+    monkeypatch.setattr(registry, "IMAGENET_SUBSETS", {"1percent": registry.IMAGENET_SUBSETS["1percent"]})
+    assert main(["data", "download", "imagenet-subsets", "--mirror", mirror, "--downloads", str(tmp_path / "dl"),
+                 "--no-progress"]) == 0
+    assert (tmp_path / "dl" / "imagenet_1percent.txt").read_bytes() == listed
+    assert "1percent: " in capsys.readouterr().out

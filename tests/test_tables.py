@@ -111,6 +111,32 @@ def test_linear_and_finetune_tables_keep_their_protocols_apart(tmp_path):
     assert "| mask |" in (tmp_path / "tables" / "finetune.md").read_text()
 
 
+def test_classification_table_one_line_per_mode_and_subset(tmp_path):
+    from cribo.results.tables import build_classify_table
+
+    def cls(protocol, run, top1, **extra):
+        return {"protocol": protocol, "experiment": "toy", "run_name": run, "run_id": "2" * 8, "method": run,
+                "arch": "resnet50", "dataset": "imagenet", "top1": top1, "top5": 90.0, "epochs": 20, **extra}
+
+    rows = [cls("classify_semi", "orl", 55.123, subset="10percent", train_images=128116),
+            cls("classify_linear", "orl", 59.0, train_images=1281167),
+            cls("classify_semi", "orl", 42.0, subset="1percent", train_images=12811)]
+    table = build_classify_table(rows)
+    # linear first (no subset), then the semi rows by list; top-1 to 2 decimals
+    assert table.protocol.tolist() == ["classify_linear", "classify_semi", "classify_semi"]
+    assert table.subset.tolist()[1:] == ["10percent", "1percent"] and pd.isna(table.subset.tolist()[0])
+    assert table.top1.tolist() == [59.0, 55.12, 42.0]
+    out = tmp_path / "rows"
+    out.mkdir()
+    for i, r in enumerate([*rows, _row("orl", 20.0, 0)]):
+        (out / f"{i}.json").write_text(json.dumps(r))
+    write_tables([out], tmp_path / "tables")
+    metrics = json.loads((tmp_path / "tables" / "metrics.json").read_text())
+    assert metrics["classify_top1"]["toy"]["orl"] == {"imagenet_linear": 59.0, "imagenet_semi_10percent": 55.12,
+                                                      "imagenet_semi_1percent": 42.0}
+    assert "| classify_semi | 1percent | 12811 |" in (tmp_path / "tables" / "classify.md").read_text()
+
+
 def test_ablation_table_compares_each_setting_with_the_base():
     from cribo.results.tables import build_ablation_table
 

@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--workers", type=positive_int, default=2, help="worker processes (default 2)")
     data_sub.add_parser("list", help="list the known dataset names")
     dl = data_sub.add_parser("download", help="download, verify and extract the archives of a dataset")
-    dl.add_argument("name", help="dataset (voc, ade20k, coco, coco-stuff15, coco-things12, coco-stuff171) or archive name")
+    dl.add_argument("name", help="dataset (voc, ade20k, coco, coco-stuff15, coco-things12, coco-stuff171), archive name, "
+                                 "or imagenet-subsets (the official 1 %% and 10 %% lists, verified, into --downloads)")
     dl.add_argument("--downloads", default="resources/downloads", help="folder for the archives (default resources/downloads)")
     dl.add_argument("--raw", default="resources/raw", help="archives are extracted into RAW/<archive>/ (default resources/raw)")
     dl.add_argument("--mirror", default=None, help="fetch <MIRROR>/<filename> instead of the registry URL")
@@ -97,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--workers", type=positive_int, default=1, help="worker processes (default 1)")
     pp.add_argument("--force", action="store_true", help="redo even if the completion marker exists")
     pp.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    tf = data_sub.add_parser("toy-folder", help="the toy scenes as an ImageFolder classification set (label: the "
+                                                "largest object), with class-balanced 1 %% / 10 %% subset lists")
+    tf.add_argument("--toy-root", required=True, help="a generated toyscenes folder")
+    tf.add_argument("--out", required=True, help="output folder: train/<class>/, val/<class>/, subsets/<n>percent.txt")
+    tf.add_argument("--percents", type=float, nargs="+", default=[1, 10], help="subset lists to write (default 1 10)")
     ck = data_sub.add_parser("check", help="check a user-provided dataset tree (imagenet, cityscapes)")
     ck.add_argument("name", choices=["imagenet", "cityscapes"])
     ck.add_argument("--root", required=True, help="folder the user provides")
@@ -355,12 +361,17 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--data-root", required=True, help="folder with train/<class>/ and val/<class>/ (ImageNet, Places205, iNat18)")
     cl.add_argument("--dataset", default="imagenet", help="name recorded in the row (imagenet, places205, inat18)")
     cl.add_argument("--mode", required=True, choices=["linear", "semi"])
-    cl.add_argument("--subset-list", default=None, help="[semi] file of the labelled training images (1 %% / 10 %% lists)")
+    cl.add_argument("--subset-list", default=None,
+                    help="[semi] the labelled training images: 1percent or 10percent (SimCLR's official lists, "
+                         "downloaded into --downloads and verified) or the path of a list file")
+    cl.add_argument("--downloads", default="resources/downloads", help="[semi] folder of the official lists (default %(default)s)")
+    cl.add_argument("--mirror", default=None, help="[semi] fetch <MIRROR>/<filename> instead of the official list's URL")
     cl.add_argument("--epochs", type=int, default=None, help="default: linear 28 (ImageNet), semi 20")
     cl.add_argument("--steps", type=int, nargs="*", default=None, help="epochs where the lr drops (linear 8 16 24, semi 12 16)")
     cl.add_argument("--lr", type=float, default=None, help="default: linear 0.01; semi one of the grid 0.001/0.01/0.1 (0.01)")
     cl.add_argument("--head-lr-mult", type=float, default=1.0, help="[semi] head lr multiplier (grid 1/10/100)")
-    cl.add_argument("--weight-decay", type=float, default=None, help="default: linear 1e-4; semi 5e-4 (1 %%) or 1e-4")
+    cl.add_argument("--weight-decay", type=float, default=None,
+                    help="default: linear 1e-4; semi 5e-4 with --subset-list 1percent, else 1e-4 (the official grid)")
     cl.add_argument("--batch-size", type=int, default=256, help="default 256")
     cl.add_argument("--image-size", type=int, default=224, help="crop side (default 224)")
     cl.add_argument("--seed", type=int, default=0)
@@ -409,6 +420,13 @@ def cmd_data(args) -> None:
 
         print("\n".join(known_datasets()))
         return
+    if args.data_command == "download" and args.name == "imagenet-subsets":
+        from cribo.data.registry import IMAGENET_SUBSETS
+        from cribo.eval.classification import resolve_subset_list
+
+        for name in IMAGENET_SUBSETS:  # for clusters whose compute nodes have no internet
+            print(f"{name}: {resolve_subset_list(name, args.downloads, args.mirror, progress=not args.no_progress)}")
+        return
     if args.data_command == "download":
         from cribo.data.fetch import fetch_dataset
 
@@ -424,6 +442,12 @@ def cmd_data(args) -> None:
         info = prepare(args.name, args.raw, args.out, workers=args.workers, progress=not args.no_progress,
                        force=args.force)
         print(f"{args.name} prepared in {args.out} ({time.time() - start:.1f} s): {json.dumps(info)}")
+        return
+    if args.data_command == "toy-folder":
+        from cribo.data.toy_classification import write_image_folder
+
+        summary = write_image_folder(args.toy_root, args.out, percents=args.percents)
+        print(f"toy classification set in {args.out}: {json.dumps(summary['images'])}")
         return
     if args.data_command == "check":
         from cribo.data.user_provided import check_cityscapes, check_imagenet
@@ -704,15 +728,28 @@ def cmd_classify(args) -> None:
     linear = args.mode == "linear"
     if linear and args.subset_list:
         raise ValueError("--subset-list belongs to --mode semi (the linear protocol trains on the full train split)")
+    subset = None
+    if args.subset_list:  # before the backbone: a wrong name or a failed download stops at once
+        from cribo.eval.classification import resolve_subset_list
+
+        subset = str(resolve_subset_list(args.subset_list, args.downloads, args.mirror, progress=not args.no_progress))
+    weight_decay = args.weight_decay
+    if weight_decay is None:
+        weight_decay = 5e-4 if not linear and args.subset_list == "1percent" else 1e-4
     backbone, ckpt, device, _ = _load_eval_backbone(args)
     result = train_classifier(
         backbone, args.data_root, mode=args.mode, epochs=args.epochs if args.epochs is not None else (28 if linear else 20),
         steps=tuple(args.steps if args.steps is not None else ((8, 16, 24) if linear else (12, 16))),
         lr=args.lr if args.lr is not None else 0.01, gamma=0.1 if linear else 0.2,
-        weight_decay=args.weight_decay if args.weight_decay is not None else 1e-4, batch_size=args.batch_size,
-        head_lr_mult=args.head_lr_mult, subset_list=args.subset_list, image_size=args.image_size, seed=args.seed,
+        weight_decay=weight_decay, batch_size=args.batch_size,
+        head_lr_mult=args.head_lr_mult, subset_list=subset, image_size=args.image_size, seed=args.seed,
         device=device, num_workers=args.num_workers, progress=not args.no_progress)
     result["seed"] = args.seed
+    if subset:
+        from cribo.data.registry import IMAGENET_SUBSETS
+
+        result["subset"] = args.subset_list if args.subset_list in IMAGENET_SUBSETS else Path(args.subset_list).stem
+        result["subset_sha256"] = file_sha256(subset)
     row = make_row(f"classify_{args.mode}", result, checkpoint=args.checkpoint,
                    checkpoint_sha256=file_sha256(args.checkpoint), checkpoint_cfg=ckpt.get("config"),
                    dataset=args.dataset, split="val", class_names=[], experiment=args.experiment,

@@ -1,5 +1,8 @@
 # Names and paths shared by the rules. Run settings are resolved by the cribo library, which also
 # computes the run ids that every artefact path carries.
+import re
+from pathlib import Path
+
 from cribo.config import ConfigError, dataset_root, resolve_runs, run_id, short_hash
 from cribo.eval.subsets import incontext_settings
 
@@ -145,6 +148,55 @@ def detect_rows():
 
 
 check_named_runs("svm", SVM["runs"])
+# ImageNet-style classification: a user-provided ImageFolder, or the toy's classification view
+CLASSIFY = EVAL["classify"]
+check_named_runs("classify", CLASSIFY["runs"])
+if CLASSIFY["dataset"] == "toyscenes":
+    CLASSIFY_ROOT = CLASSIFY["root"] or f"resources/toyfolder-{short_hash(DATA_ROOT, 6)}"
+    CLASSIFY_INPUT = f"{CLASSIFY_ROOT}/.prepared.json"
+else:
+    _user_roots = config.get("datasets", {}).get("roots", {})
+    CLASSIFY_ROOT = CLASSIFY["root"] or _user_roots.get(CLASSIFY["dataset"], f"resources/{CLASSIFY['dataset']}")
+    # ImageNet named in datasets.roots is checked once (rule check_user_dataset); other folders must exist
+    CLASSIFY_INPUT = (f"resources/checked/{CLASSIFY['dataset']}.json"
+                      if CLASSIFY["dataset"] == "imagenet" and "imagenet" in _user_roots else [])
+
+
+def _subset_label(subset):
+    """A subset's name in file names: the official / toy name as is, a file by its stem."""
+    return subset if re.fullmatch(r"[0-9.]+percent", subset) else re.sub(r"[^A-Za-z0-9_-]", "_", Path(subset).stem)
+
+
+CLASSIFY_SUBSETS = {_subset_label(s): s for s in CLASSIFY["subsets"]}
+if len(CLASSIFY_SUBSETS) != len(CLASSIFY["subsets"]):
+    raise ConfigError(f"evaluate.classify.subsets in {CONFIG_SOURCE}: two lists share a name "
+                      f"({CLASSIFY['subsets']}); rename one file")
+CLASSIFY_ID = (f"{CLASSIFY['dataset']}-{short_hash(CLASSIFY_ROOT, 6)}-{CLASSIFY['image_size']}px-"
+               f"{short_hash({k: CLASSIFY[k] for k in ('batch_size', 'linear', 'semi')}, 6)}")
+
+
+def classify_subset_arg(label):
+    """What `cribo eval classify --subset-list` gets: the toy's own list, an official name or a file."""
+    subset = CLASSIFY_SUBSETS[label]
+    if CLASSIFY["dataset"] == "toyscenes" and re.fullmatch(r"[0-9.]+percent", subset):
+        return f"{CLASSIFY_ROOT}/subsets/{subset}.txt"
+    return subset
+
+
+def classify_rows():
+    """One linear row and one row per subset list of every run (or of classify.runs), when enabled."""
+    if not CLASSIFY["enabled"]:
+        return []
+    rows = []
+    for name, rid in RUN_IDS.items():
+        if CLASSIFY["runs"] is not None and name not in CLASSIFY["runs"]:
+            continue
+        base = f"results/{EXPERIMENT}/{rid}/eval/classify/{CLASSIFY_ID}"
+        if "linear" in CLASSIFY["modes"]:
+            rows.append(f"{base}/linear.json")
+        if "semi" in CLASSIFY["modes"]:
+            rows += [f"{base}/semi-{label}.json" for label in CLASSIFY_SUBSETS]
+    return rows
 
 
 def svm_rows():
@@ -216,3 +268,13 @@ def finetune_options(wildcards):
 
 def run_layout(wildcards):
     return LAYOUTS[wildcards.run_id]
+
+
+def classify_options(mode):
+    """`cribo eval classify` options of one row: ``linear`` or ``semi-<subset label>``."""
+    if mode == "linear":
+        c = CLASSIFY["linear"]
+        return f"--mode linear --epochs {c['epochs']} --steps {' '.join(map(str, c['steps']))} --lr {c['lr']}"
+    c = CLASSIFY["semi"]
+    return (f"--mode semi --subset-list {classify_subset_arg(mode.removeprefix('semi-'))} --epochs {c['epochs']} "
+            f"--steps {' '.join(map(str, c['steps']))} --lr {c['lr']} --head-lr-mult {c['head_lr_mult']}")

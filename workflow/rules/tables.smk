@@ -3,7 +3,8 @@
 
 rule table:
     input:
-        rows=incontext_rows() + overcluster_rows() + linear_rows() + finetune_rows() + svm_rows() + detect_rows(),
+        rows=incontext_rows() + overcluster_rows() + linear_rows() + finetune_rows() + svm_rows() + detect_rows()
+        + classify_rows(),
         paper="config/paper_results.yaml",
     output:
         csv=report("results/tables/incontext.csv", caption="../report/incontext.rst", category="1. Tables", subcategory="in-context retrieval"),
@@ -18,6 +19,8 @@ rule table:
         svm_md="results/tables/svm.md",
         det_csv=report("results/tables/detect.csv", caption="../report/detect.rst", category="1. Tables", subcategory="detection"),
         det_md="results/tables/detect.md",
+        cls_csv=report("results/tables/classify.csv", caption="../report/classify.rst", category="1. Tables", subcategory="classification"),
+        cls_md="results/tables/classify.md",
         ab_csv=report("results/tables/ablations.csv", caption="../report/ablations.rst", category="1. Tables", subcategory="ablations"),
         ab_md="results/tables/ablations.md",
         paper_md=expand("results/tables/paper_{protocol}.md", protocol=PAPER_PROTOCOLS),

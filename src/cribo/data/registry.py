@@ -100,6 +100,33 @@ ARCHIVES: dict[str, Archive] = {a.name: a for a in (
             "stuffthingmaps_trainval2017.zip", int(0.7 * _GB)),
 )}
 
+
+
+@dataclass(frozen=True)
+class SubsetList:
+    """An official list of labelled ImageNet training images (the semi-supervised protocol)."""
+
+    name: str
+    url: str
+    filename: str
+    sha256: str
+    num_bytes: int
+    images: int
+
+
+# The 1 % and 10 % ImageNet-1k subsets of SimCLR (Chen et al., 2020): one training file name per line,
+# 1,000 classes in each. The de facto standard of the semi-supervised protocol (VISSL uses them as
+# well). ORL's code base (OpenSelfSup) reads `train_labeled_{1,10}percent.txt` that it distributes from a
+# Google Drive folder; those could not be compared with these here. The URLs pin SimCLR's commit
+# 383d414 (2023-05-22); sha256, sizes and line counts were computed from the files at that commit.
+_SIMCLR_SUBSETS = "https://raw.githubusercontent.com/google-research/simclr/383d4143fd8cf7879ae10f1046a9baeb753ff438"
+IMAGENET_SUBSETS: dict[str, SubsetList] = {s.name: s for s in (
+    SubsetList("1percent", f"{_SIMCLR_SUBSETS}/imagenet_subsets/1percent.txt", "imagenet_1percent.txt",
+               "71e82a48ba78252683ae334c4d019ebd5c6e855b9599c1389fbe83eb9549cf17", 260_323, 12_811),
+    SubsetList("10percent", f"{_SIMCLR_SUBSETS}/imagenet_subsets/10percent.txt", "imagenet_10percent.txt",
+               "6d09de11e7bdaf5b1f3b1f249b6183695f97310cdd20f0c03e7235b6b9392091", 2_603_168, 128_116),
+)}
+
 _COCO_IMAGES = ("coco_train2017", "coco_val2017")
 # prepared dataset -> archives it is built from
 PREPARED: dict[str, tuple[str, ...]] = {

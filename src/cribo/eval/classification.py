@@ -16,7 +16,7 @@ verifies); Places205 and iNat18 in the same layout. Classes are the sorted train
   x head multiplier in {1, 10, 100}, weight decay 5e-4 (1 %) or 1e-4 (10 %): one run per point.
 
 Training augmentation: random resized crop 224 and horizontal flip; evaluation: resize 256, centre
-crop 224; ImageNet normalisation. Metrics: top-1 and top-5 accuracy (%) on val.
+crop 224 (at another crop size, the same 256 / 224 ratio); ImageNet normalisation. Metrics: top-1 and top-5 accuracy (%) on val.
 """
 
 from __future__ import annotations
@@ -61,6 +61,30 @@ def image_folder(root: str | Path, split: str):
     return paths, labels, classes
 
 
+def resolve_subset_list(spec: str, downloads: str | Path = "resources/downloads", mirror: str | None = None,
+                        progress: bool = True) -> Path:
+    """The file of a subset list: an official one by name (``1percent``, ``10percent``: downloaded into
+    ``downloads`` once, resumable, its sha256 verified), or the path of the user's own list."""
+    from cribo.data.registry import IMAGENET_SUBSETS
+
+    official = IMAGENET_SUBSETS.get(spec)
+    if official is None:
+        path = Path(spec)
+        if not path.is_file():
+            raise DataError(f"subset list {spec!r} is neither an official list ({', '.join(IMAGENET_SUBSETS)}) nor a "
+                            "file; pass one of those names (downloaded and verified) or the path of your own list")
+        return path
+    from cribo.data.download import download
+
+    url = f"{mirror.rstrip('/')}/{official.filename}" if mirror else official.url
+    path = download(url, Path(downloads) / official.filename, size=official.num_bytes,
+                    checksum=f"sha256:{official.sha256}", progress=progress)
+    names = read_subset_list(path)
+    if len(names) != official.images:  # the checksum makes this unreachable unless the registry is wrong
+        raise DataError(f"{path} lists {len(names)} images, the registry says {official.images}")
+    return path
+
+
 def read_subset_list(path: str | Path) -> list[str]:
     """Image file names of a subset list: one per line, optionally ``<class>/<name> <label>``; only the
     base name is kept (``n01440764_10026.JPEG``)."""
@@ -83,12 +107,13 @@ def apply_subset(paths: list[Path], labels: list[int], names: list[str], list_pa
 
 
 class _Images(torch.utils.data.Dataset):
-    def __init__(self, paths, labels, train: bool, size: int = 224, resize: int = 256):
+    def __init__(self, paths, labels, train: bool, size: int = 224, resize: int | None = None):
         from torchvision.transforms import v2
 
         from cribo.data.segmentation import IMAGENET_MEAN, IMAGENET_STD
 
         self.paths, self.labels = paths, labels
+        resize = resize or round(size * 256 / 224)  # the protocol's 256 -> 224 ratio at any crop size
         geometry = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()] if train else \
             [v2.Resize(resize, antialias=True), v2.CenterCrop(size)]
         self.transform = v2.Compose([v2.PILToTensor(), *geometry, v2.ToDtype(torch.float32, scale=True),

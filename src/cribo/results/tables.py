@@ -7,7 +7,8 @@ people), plus a flat ``metrics.json`` that DVC compares across experiments. Over
 (``build_overcluster_table``) become ``overcluster.{csv,md}``, one line per (run, K), and linear-probe
 rows (``build_linear_table``) ``linear.{csv,md}``, fine-tuning rows (``build_finetune_table``)
 ``finetune.{csv,md}``, VOC07 SVM and low-shot rows (``build_svm_table``) ``svm.{csv,md}``, detection rows
-(``build_detect_table``) ``detect.{csv,md}``.
+(``build_detect_table``) ``detect.{csv,md}``, classification rows (``build_classify_table``)
+``classify.{csv,md}``.
 """
 
 from __future__ import annotations
@@ -158,7 +159,23 @@ def build_detect_table(rows: list[dict]) -> pd.DataFrame:
     return table.round({**{m: 2 for m in DETECT_METRICS}, "seconds_per_iteration": 3})
 
 
-METRIC_COLUMNS = {"ours", "paper", "delta", "base", "change", "map", *DETECT_METRICS}
+CLASSIFY_COLUMNS = ["experiment", "run_name", "run_id", "method", "arch", "dataset", "protocol", "subset",
+                    "train_images", "epochs", "lr", "head_lr_mult", "weight_decay", "image_size"]
+CLASSIFY_METRICS = ["top1", "top5"]
+
+
+def build_classify_table(rows: list[dict]) -> pd.DataFrame:
+    """Classification rows (linear on frozen features; semi-supervised, one per subset list): top-1 / top-5 (%)."""
+    columns = CLASSIFY_COLUMNS + CLASSIFY_METRICS
+    frame = _protocol_frame(rows, ("classify_linear", "classify_semi"), columns)
+    if frame.empty:
+        return frame
+    table = frame[columns].sort_values(["experiment", "run_name", "dataset", "protocol", "subset"],
+                                       na_position="first").reset_index(drop=True)
+    return table.round({m: 2 for m in CLASSIFY_METRICS})
+
+
+METRIC_COLUMNS = {"ours", "paper", "delta", "base", "change", "map", *DETECT_METRICS, *CLASSIFY_METRICS}
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -271,6 +288,13 @@ def write_tables(row_paths: list[str | Path], out_dir: str | Path, ablation_base
         setting = "full" if r.protocol == "svm" else f"k{r.k}_{r.cost_selection}"
         metrics.setdefault("svm_map", {}).setdefault(r.experiment, {}).setdefault(
             r.run_name, {})[f"{r.dataset}_{setting}"] = r.map
+    classify = build_classify_table(rows)
+    atomic_write_text(out_dir / "classify.csv", classify.to_csv(index=False))
+    atomic_write_text(out_dir / "classify.md", to_markdown(classify))
+    for r in classify.itertuples(index=False):
+        setting = "linear" if r.protocol == "classify_linear" else f"semi_{r.subset}"
+        metrics.setdefault("classify_top1", {}).setdefault(r.experiment, {}).setdefault(
+            r.run_name, {})[f"{r.dataset}_{setting}"] = r.top1
     detect = build_detect_table(rows)
     atomic_write_text(out_dir / "detect.csv", detect.to_csv(index=False))
     atomic_write_text(out_dir / "detect.md", to_markdown(detect))

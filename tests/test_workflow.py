@@ -49,12 +49,13 @@ def test_dry_run_plans_every_stage_even_with_committed_tables(tmp_path):
     # cribo, trained, + 1 imported baseline (a random ResNet-50): 9 evaluated; 2 splits each; one in-context
     # job per run (every fraction and seed) and one overclustering job per run (every K); linear protocols
     # leopart + mmseg -> 2 rows per run; one fine-tuning decoder (mask); SVM for svm.runs (cribo and the
-    # baseline): 2 splits, 1 full + k=2 x 2 selections per run; detection for the baseline only; ORL stage 2
+    # baseline): 2 splits, 1 full + k=2 x 2 selections per run; classification for the same two (linear and
+    # the toy's 10 % list) on the toy's classification view; detection for the baseline only; ORL stage 2
     # in 2 shards
     for rule, count in (("download_toyscenes", 1), ("run_config", 8), ("pretrain", 8), ("init_weights", 1),
                         ("import_baseline", 1), ("extract", 18), ("eval_incontext", 9), ("eval_overcluster", 9),
                         ("eval_linear", 18), ("eval_finetune", 9), ("extract_global", 4), ("eval_svm", 2),
-                        ("eval_svm_lowshot", 4), ("eval_detect", 1), ("orl_proposals", 2), ("orl_correspondence", 1),
+                        ("eval_svm_lowshot", 4), ("toy_image_folder", 1), ("eval_classify", 4), ("eval_detect", 1), ("orl_proposals", 2), ("orl_correspondence", 1),
                         ("table", 1)):
         assert any(line.split() == [rule, str(count)] for line in text.splitlines()), (rule, text[-2000:])
 
@@ -65,10 +66,24 @@ def test_workflow_config_typo_names_the_key(tmp_path):
     assert "temprature" in out.stderr + out.stdout
 
 
-def test_svm_runs_naming_no_run_is_refused(tmp_path):
-    out = _snakemake(_workdir(tmp_path, evaluate__svm__runs=["cribo", "crib0"]), "-n")
+@pytest.mark.parametrize("protocol", ["svm", "classify"])
+def test_protocol_runs_naming_no_run_is_refused(tmp_path, protocol):
+    out = _snakemake(_workdir(tmp_path, **{f"evaluate__{protocol}__runs": ["cribo", "crib0"]}), "-n")
     assert out.returncode != 0
-    assert "evaluate.svm.runs names crib0" in out.stderr + out.stdout
+    assert f"evaluate.{protocol}.runs names crib0" in out.stderr + out.stdout
+
+
+def test_classification_rows_use_official_lists_by_name_and_files_by_stem(tmp_path):
+    # on a user's ImageNet: the official 1 % list is passed by name (the CLI downloads and verifies it),
+    # a list file by its path; the rows are named after the list
+    workdir = _workdir(tmp_path, evaluate__classify__dataset="imagenet", evaluate__classify__root="/data/in1k",
+                       evaluate__classify__runs=["cribo"], evaluate__classify__subsets=["1percent", "lists/my-5pc.txt"])
+    out = _snakemake(workdir, "-n", "-p")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "--subset-list 1percent " in text and "--subset-list lists/my-5pc.txt " in text
+    assert "/semi-1percent.json" in text and "/semi-my-5pc.json" in text and "/linear.json" in text
+    assert "toy_image_folder" not in text and "--data-root /data/in1k" in text
 
 
 def test_run_config_typo_names_the_key_and_the_file(tmp_path):
@@ -88,7 +103,7 @@ def test_failed_pretrain_leaves_no_completion_marker_and_no_table(tmp_path):
     cfg = yaml.safe_load((workdir / "config" / "test.yaml").read_text())
     for key in ("baselines", "orl"):
         cfg.pop(key, None)
-    for key in ("svm", "detect"):
+    for key in ("svm", "detect", "classify"):
         cfg["evaluate"].pop(key, None)
     for name in ("test.yaml", "config.yaml"):
         (workdir / "config" / name).write_text(yaml.safe_dump(cfg))
@@ -152,10 +167,10 @@ def test_pretraining_on_coco_waits_for_the_coco_images(tmp_path):
 
 
 def test_baseline_weights_enter_the_dag_as_runs(tmp_path):
-    # replaces ci.yaml's baselines (its random ResNet-50, which detection and the SVM then no longer name)
+    # replaces ci.yaml's baselines (its random ResNet-50, which detection, the SVM and classification then no longer name)
     workdir = _workdir(tmp_path, baselines={"dino_tiny": {"weights": "weights/dino.pth", "method": "dino",
                                                           "pretrain": "imagenet"}}, evaluate__detect__runs=[],
-                       evaluate__svm__runs=["cribo"])
+                       evaluate__svm__runs=["cribo"], evaluate__classify__runs=["cribo"])
     (workdir / "weights").mkdir()
     (workdir / "weights" / "dino.pth").write_bytes(b"placeholder: the dry run only plans")
     out = _snakemake(workdir, "-n")
@@ -168,12 +183,22 @@ def test_baseline_weights_enter_the_dag_as_runs(tmp_path):
 
 
 def test_released_checkpoints_named_in_baselines_are_fetched_by_the_import(tmp_path):
-    # replaces ci.yaml's baselines, so detection and the SVM (which name ci.yaml's random ResNet-50) leave it out
+    # replaces ci.yaml's baselines, so detection, the SVM and classification (which name its random ResNet-50) leave it out
     workdir = _workdir(tmp_path, baselines=["cribo_vits16_coco", "dino_vits16"], evaluate__detect__runs=[],
-                       evaluate__svm__runs=["cribo"])
+                       evaluate__svm__runs=["cribo"], evaluate__classify__runs=["cribo"])
     out = _snakemake(workdir, "-n", "-p")
     assert out.returncode == 0, out.stderr
     text = out.stdout + out.stderr
     assert any(line.split() == ["import_baseline", "2"] for line in text.splitlines()), text[-3000:]
     assert "--from-catalogue cribo_vits16_coco --catalogue config/checkpoints.yaml" in text
     assert "--from-catalogue dino_vits16" in text and "--method dino" in text and "--pretrain-data imagenet" in text
+
+
+def test_srun_layout_spells_out_the_task_geometry(tmp_path):
+    # the Slurm plugin's job step strips SLURM_NTASKS & co. from the rule's environment, so the rule's
+    # srun must be given the nodes and tasks itself (a bare srun started one task on the CI's Slurm)
+    workdir = _workdir(tmp_path, runs={"cribo": {"method": "cribo",
+                                                 "train": {"nodes": 2, "gpus_per_node": 4}}})
+    out = _snakemake(workdir, "-n", "-p", "--cores", "3")
+    assert out.returncode == 0, out.stderr
+    assert "srun --nodes 2 --ntasks-per-node 4 --cpus-per-task 1 cribo train --config" in out.stdout

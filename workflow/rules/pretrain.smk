@@ -72,8 +72,11 @@ if SRUN_IDS:
             mpi="srun",
         params:
             outdir=lambda wc, output: os.path.dirname(output[0]),
+        # the task geometry is spelt out: the plugin's job step strips the allocation's SLURM_* variables
+        # (snakemake-executor-plugin-slurm-jobstep 0.6), and a bare `srun` would then start one task
         shell:
-            "{resources.mpi} cribo train --config {input.cfg} --output-dir {params.outdir} "
+            "{resources.mpi} --nodes {resources.nodes} --ntasks-per-node {resources.tasks_per_node} "
+            "--cpus-per-task {threads} cribo train --config {input.cfg} --output-dir {params.outdir} "
             "--set train.threads={threads} --summary {output} > {log} 2>&1"
 
 

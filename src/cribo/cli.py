@@ -348,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--max-size", type=int, default=1333, help="long-side cap (default 1333)")
     de.add_argument("--seed", type=int, default=0, help="seed of the heads, data order and scales (default 0)")
     de.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    de.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                    help="processes (GPUs) on this node; N > 1 relaunches under torchrun --standalone (SyncBN on "
+                         "GPUs; --batch-size stays the global batch); under srun, one task per GPU")
     de.add_argument("--checkpoint-every", type=int, default=1000,
                     help="iterations between resumable state saves next to --out (default 1000)")
     de.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -689,27 +692,48 @@ def cmd_detect(args) -> None:
     from cribo.eval import detection
     from cribo.eval.protocol import make_row, write_row
     from cribo.train.checkpoint import file_sha256, load_checkpoint
-    from cribo.train.distributed import pick_device
+    from cribo.train.distributed import barrier, cleanup, init_distributed, read_launch_env
 
     started = time.time()
+    launch = read_launch_env()
+    if args.nproc_per_node > 1 and launch.launcher == "single":
+        if args.batch_size % args.nproc_per_node:
+            raise ValueError(f"--batch-size {args.batch_size} (the global batch) does not split over "
+                             f"--nproc-per-node {args.nproc_per_node} processes")
+        _relaunch_under_torchrun(args.nproc_per_node, args.argv)
     ckpt = load_checkpoint(args.checkpoint)
     state = detection.resnet50_state_from_checkpoint(ckpt, args.checkpoint)
     train = detection.CocoInstances(args.train_ann, args.train_images, train=True)
     val = detection.CocoInstances(args.val_ann, args.val_images, train=False)
     if train.category_ids != val.category_ids:
         raise ValueError(f"{args.train_ann} and {args.val_ann} have different categories")
-    torch.manual_seed(args.seed)  # the heads' initialisation
+    info = init_distributed(args.device)
+    torch.manual_seed(args.seed)  # the heads' initialisation (the same in every process)
     model = detection.build_detector(len(train.category_ids), state, min_size=tuple(args.min_size),
                                      test_size=args.test_size, max_size=args.max_size)
-    device = pick_device(args.device)
+    detector, device = model, info.device
+    if info.world_size > 1:
+        # SyncBN needs GPUs (torch refuses it on CPU): CPU processes keep per-process batch statistics
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            detector = model
+        model = torch.nn.parallel.DistributedDataParallel(
+            model.to(device), device_ids=[device.index] if device.type == "cuda" else None)
     trained = detection.train_detector(model, train, iterations=args.iterations, batch_size=args.batch_size,
                                        lr=args.lr, steps=tuple(args.steps), warmup=args.warmup, seed=args.seed,
                                        device=device, state_path=f"{args.out}.state.pth",
-                                       checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
-    metrics = detection.evaluate_detector(model, val, device, progress=not args.no_progress)
+                                       checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
+                                       rank=info.rank, world_size=info.world_size)
+    barrier()
+    cleanup()  # the other processes leave here; rank 0 evaluates (the weights are identical) and writes the row
+    if not info.is_main:
+        return
+    metrics = detection.evaluate_detector(detector, val, device, progress=not args.no_progress)
     result = {**metrics, **trained, "batch_size": args.batch_size, "lr": args.lr, "steps": args.steps,
               "warmup": args.warmup, "min_size": args.min_size, "test_size": args.test_size, "seed": args.seed,
-              "detector": "maskrcnn_resnet50_fpn_v2", "image_size": args.test_size, "device": str(device)}
+              "detector": "maskrcnn_resnet50_fpn_v2", "image_size": args.test_size, "device": str(device),
+              "world_size": info.world_size,
+              "sync_bn": info.world_size > 1 and device.type == "cuda"}
     row = make_row("detect", result, checkpoint=args.checkpoint, checkpoint_sha256=file_sha256(args.checkpoint),
                    checkpoint_cfg=ckpt.get("config"), dataset=Path(args.val_ann).stem, split="val",
                    class_names=[c["name"] for c in val.coco.loadCats(val.category_ids)],

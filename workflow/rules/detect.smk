@@ -26,6 +26,10 @@ rule eval_detect:
     benchmark:
         f"logs/benchmarks/{{experiment}}/{{run_id}}/detect-{DETECT_ID}.tsv"
     threads: workflow.cores
+    resources:
+        # GPUs of the job (0: one CPU process); the SLURM profile sets 8, and `cribo eval detect` then
+        # relaunches itself under torchrun, one process per GPU with SyncBN (batch_size stays global)
+        gpu=0,
     params:
         ckpt=lambda wc, input: os.path.join(os.path.dirname(input.summary), "checkpoint.pth"),
         name=lambda wc: RUN_NAME[wc.run_id],
@@ -37,4 +41,5 @@ rule eval_detect:
         "--val-images {DETECT_FILES[val_images]} --iterations {DETECT[iterations]} "
         "--batch-size {DETECT[batch_size]} --lr {DETECT[lr]} --steps {params.steps} --warmup {DETECT[warmup]} "
         "--min-size {params.sizes} --test-size {DETECT[test_size]} --max-size {DETECT[max_size]} "
-        "--experiment {wildcards.experiment} --run-name {params.name} --out {output} --no-progress > {log} 2>&1"
+        "--nproc-per-node {resources.gpu} --experiment {wildcards.experiment} --run-name {params.name} "
+        "--out {output} --no-progress > {log} 2>&1"

@@ -145,25 +145,38 @@ def train_detector(model: nn.Module, dataset: CocoInstances, *, iterations: int,
                    lr: float = 0.02, steps: tuple[int, ...] = (60000, 80000), warmup: int = 1000,
                    weight_decay: float = 1e-4, seed: int = 0, device="cpu", num_workers: int = 0,
                    state_path: str | Path | None = None, checkpoint_every: int = 1000,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, rank: int = 0, world_size: int = 1) -> dict:
     """Iteration-based training (SGD, step schedule); resumable from ``state_path``.
 
     The data order is a function of (seed, epoch), so a resumed run sees the same batches; each
     batch's short side is drawn by torchvision's transform from the global RNG, seeded per
-    iteration. Returns the last losses and the mean time per iteration.
+    iteration (and per process). Returns the last losses and the mean time per iteration.
+
+    Several processes (``world_size > 1``, ``model`` wrapped in DistributedDataParallel by the
+    caller): ``batch_size`` is the global batch, as detectron2's ``IMS_PER_BATCH``; process ``rank``
+    takes its ``batch_size / world_size`` slice of each batch and DDP averages the gradients. Rank 0
+    writes the state; every process resumes from it.
     """
+    if batch_size % world_size:
+        raise ValueError(f"the global batch ({batch_size}) must split evenly over {world_size} processes")
+    local = batch_size // world_size
+    if world_size > 1 and len(dataset) < batch_size:
+        raise ValueError(f"{len(dataset)} training images cannot fill one global batch of {batch_size} over "
+                         f"{world_size} processes; lower --batch-size")
+    bare = getattr(model, "module", model)  # the detector itself, under DDP or not
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     start = 0
     if state_path is not None and Path(state_path).is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
+        bare.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["iteration"])
     per_epoch = max(1, len(dataset) // batch_size)
     losses, seconds = {}, []
-    bar = tqdm(total=iterations, initial=start, desc="detect", disable=not progress, file=sys.stdout, mininterval=5)
+    bar = tqdm(total=iterations, initial=start, desc="detect", disable=not progress or rank > 0, file=sys.stdout,
+               mininterval=5)
     iteration = start
     while iteration < iterations:
         epoch, offset = divmod(iteration, per_epoch)
@@ -172,8 +185,9 @@ def train_detector(model: nn.Module, dataset: CocoInstances, *, iterations: int,
             if iteration >= iterations:
                 break
             started = time.perf_counter()
-            torch.manual_seed(seed * 1000003 + iteration)
-            items = [dataset[i] for i in order[b * batch_size:(b + 1) * batch_size]]
+            torch.manual_seed((seed * 1000003 + iteration) * world_size + rank)
+            first = b * batch_size + rank * local
+            items = [dataset[i] for i in order[first:first + local]]
             images = [x.to(device) for x, _ in items]
             targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for _, t in items]
             for group in optimizer.param_groups:
@@ -190,8 +204,8 @@ def train_detector(model: nn.Module, dataset: CocoInstances, *, iterations: int,
             seconds.append(time.perf_counter() - started)
             losses = {k: float(v.detach()) for k, v in loss_dict.items()}
             bar.update(1)
-            if state_path is not None and (iteration % checkpoint_every == 0 or iteration == iterations):
-                _save_state(state_path, model, optimizer, iteration)
+            if rank == 0 and state_path is not None and (iteration % checkpoint_every == 0 or iteration == iterations):
+                _save_state(state_path, bare, optimizer, iteration)
     bar.close()
     return {"losses": losses, "loss": sum(losses.values()) if losses else None, "iterations": iterations,
             "seconds_per_iteration": float(np.mean(seconds)) if seconds else None}

@@ -300,3 +300,36 @@ def test_cli_data_errors_exit_non_zero_with_the_fix(tmp_path, capsys):
     assert main(["data", "prepare", "voc", "--raw", str(tmp_path), "--out", str(tmp_path / "voc")]) == 2
     assert "run `cribo data download` first" in capsys.readouterr().err
     assert not (tmp_path / "voc" / ".prepared.json").exists()
+
+
+def test_coco_instances_for_detection(tmp_path, monkeypatch):
+    # the two image zips and annotations_trainval2017.zip as distributed (annotations/instances_*2017.json)
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    _coco_archives(mirror)
+    instances = {}
+    for split, image in (("train", 1), ("val", 2)):
+        instances[f"annotations/instances_{split}2017.json"] = json.dumps({
+            "images": [{"id": image, "file_name": f"{image:012d}.jpg", "width": 4, "height": 2}],
+            "annotations": [{"id": 10 + image, "image_id": image, "category_id": 18, "iscrowd": 0,
+                             "bbox": [0, 0, 2, 2], "area": 4.0, "segmentation": [[0, 0, 2, 0, 2, 2, 0, 2]]}],
+            "categories": [{"id": 18, "name": "dog", "supercategory": "animal"}]}).encode()
+    _zip(mirror / "annotations_trainval2017.zip", instances)
+    for name in ("coco_train2017", "coco_val2017", "coco_annotations"):
+        monkeypatch.setitem(ARCHIVES, name, ARCHIVES[name].__class__(**{**ARCHIVES[name].__dict__, "md5": None}))
+    _fetch("coco-instances", mirror, tmp_path)
+    out = tmp_path / "coco-instances"
+    info = prepare("coco-instances", tmp_path / "raw", out, progress=False)
+    assert info["train"] == 1 and info["val"] == 1 and info["val_instances"] == 1
+    # what `cribo eval detect` reads: the annotation file and the folder its file names are relative to
+    from cribo.eval.detection import CocoInstances
+
+    val = CocoInstances(out / "annotations" / "instances_val2017.json", out / "val2017", train=False)
+    image, target = val[0]
+    assert image.shape == (3, 2, 4) and target["labels"].tolist() == [1]
+    # annotations of another release (a file name the image folder does not hold) are refused
+    bad = tmp_path / "raw" / "coco_annotations" / "annotations" / "instances_val2017.json"
+    bad.unlink()
+    bad.write_text(instances["annotations/instances_val2017.json"].decode().replace("000000000002", "000000000009"))
+    with pytest.raises(DataError, match="names 000000000009.jpg, which is not in .*val2017"):
+        prepare("coco-instances", tmp_path / "raw", tmp_path / "other", progress=False)

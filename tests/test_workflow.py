@@ -202,3 +202,16 @@ def test_srun_layout_spells_out_the_task_geometry(tmp_path):
     out = _snakemake(workdir, "-n", "-p", "--cores", "3")
     assert out.returncode == 0, out.stderr
     assert "srun --nodes 2 --ntasks-per-node 4 --cpus-per-task 1 cribo train --config" in out.stdout
+
+
+def test_detection_on_coco_waits_for_the_prepared_instances(tmp_path):
+    coco = "resources/coco-instances"
+    workdir = _workdir(tmp_path, evaluate__detect__train_ann=f"{coco}/annotations/instances_train2017.json",
+                       evaluate__detect__val_ann=f"{coco}/annotations/instances_val2017.json",
+                       evaluate__detect__train_images=f"{coco}/train2017", evaluate__detect__val_images=f"{coco}/val2017")
+    out = _snakemake(workdir, "-n", "-p")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    # download (images + annotations_trainval2017.zip) -> prepare coco-instances -> eval_detect
+    assert "cribo data prepare coco-instances" in text and "cribo data download coco_annotations" in text
+    assert f"--train-ann {coco}/annotations/instances_train2017.json" in text

@@ -143,6 +143,19 @@ DETECT_FILES = {
 DETECT_ID = short_hash({**{k: v for k, v in DETECT.items() if k != "runs"}, **DETECT_FILES}, 8)
 
 
+def detect_data_input():
+    """What detection waits for: the evaluation dataset (its own instances), or the prepared dataset
+    its annotation file lies in (resources/coco-instances/annotations/... -> that folder's marker)."""
+    from cribo.data.registry import PREPARED
+
+    if not DETECT["train_ann"]:
+        return [DATA_INPUT]
+    parts = DETECT["train_ann"].split("/")
+    if len(parts) >= 3 and parts[0] == "resources" and parts[1] in PREPARED:
+        return [f"resources/{parts[1]}/.prepared.json"]
+    return []  # files of the user's own: they must exist
+
+
 def detect_rows():
     return [f"results/{EXPERIMENT}/{RUN_IDS[name]}/eval/detect/{DETECT_ID}.json" for name in DETECT["runs"]]
 

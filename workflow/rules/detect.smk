@@ -18,7 +18,7 @@ rule init_weights:
 rule eval_detect:
     input:
         summary=f"{RUN_DIR}/pretrain/summary.json",
-        data=DATA_INPUT if not DETECT["train_ann"] else [],
+        data=detect_data_input(),
     output:
         f"{RUN_DIR}/eval/detect/{DETECT_ID}.json",
     log:

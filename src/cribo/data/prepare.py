@@ -332,6 +332,28 @@ def prepare_coco_images(raw: Path, out: Path, workers: int = 1, progress: bool =
     return _finish(out, started, **counts)
 
 
+def prepare_coco_instances(raw: Path, out: Path, workers: int = 1, progress: bool = True) -> dict:
+    """COCO 2017 for detection: ``train2017/``, ``val2017/`` (links) and ``annotations/instances_{train,val}2017.json``
+    (links), the files `cribo eval detect` reads; each split's annotation file must name images of its folder."""
+    started = time.time()
+    counts = {}
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        images_dir = _need(raw / f"coco_{split}2017" / f"{split}2017", f"COCO {split}2017 images")
+        ann = _need(raw / "coco_annotations" / "annotations" / f"instances_{split}2017.json",
+                    f"COCO instances_{split}2017.json")
+        _link(images_dir, out / f"{split}2017")
+        _link(ann, out / "annotations" / ann.name)
+        data = json.loads(ann.read_text())
+        names = [image["file_name"] for image in data.get("images", [])]
+        if names and not (images_dir / names[0]).is_file():
+            raise DataError(f"{ann} names {names[0]}, which is not in {images_dir}: are the images and the "
+                            "annotations of the same COCO release?")
+        counts[split] = len(names)
+        counts[f"{split}_instances"] = len(data.get("annotations", []))
+    return _finish(out, started, **counts)
+
+
 def prepare(name: str, raw: str | Path, out: str | Path, workers: int = 1, progress: bool = True,
             force: bool = False) -> dict:
     """Prepare dataset ``name`` from the archives extracted under ``raw`` into ``out``."""
@@ -350,7 +372,9 @@ def prepare(name: str, raw: str | Path, out: str | Path, workers: int = 1, progr
         return prepare_coco(raw, out, name, workers, progress)
     if name == "coco":
         return prepare_coco_images(raw, out, workers, progress)
+    if name == "coco-instances":
+        return prepare_coco_instances(raw, out, workers, progress)
     if name == "pascal-context":
         return prepare_pascal_context(raw, out, workers, progress)
-    raise ValueError(f"no prepare step for {name!r}; preparable: voc, voc2007, ade20k, coco, coco-stuff15, coco-things12, "
+    raise ValueError(f"no prepare step for {name!r}; preparable: voc, voc2007, ade20k, coco, coco-instances, coco-stuff15, coco-things12, "
                      "coco-stuff171, pascal-context (imagenet and cityscapes are user-provided: `cribo data check`)")

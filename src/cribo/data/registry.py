@@ -82,6 +82,9 @@ ARCHIVES: dict[str, Archive] = {a.name: a for a in (
             int(18.9 * _GB), "cced6f7f71b7629ddf16f17bbcfab6b2"),
     Archive("coco_val2017", "http://images.cocodataset.org/zips/val2017.zip", "val2017.zip",
             int(0.82 * _GB), "442b8da7639aecaf257c1dceb8ba8c80"),
+    # COCO instances (detection / instance segmentation): md5 as torchvision-style downloaders list it
+    Archive("coco_annotations", "http://images.cocodataset.org/annotations/annotations_trainval2017.zip",
+            "annotations_trainval2017.zip", int(0.25 * _GB), "f4bbac642086de4f52a3fdda2de5fa2c"),
     Archive("coco_stuff_annotations",
             "http://images.cocodataset.org/annotations/stuff_annotations_trainval2017.zip",
             "stuff_annotations_trainval2017.zip", int(1.2 * _GB)),
@@ -137,6 +140,7 @@ PREPARED: dict[str, tuple[str, ...]] = {
     "coco-things12": (*_COCO_IMAGES, "coco_panoptic_annotations"),
     "coco-stuff171": (*_COCO_IMAGES, "coco_stuffthingmaps"),
     "coco": _COCO_IMAGES,  # unlabelled images for pretraining
+    "coco-instances": (*_COCO_IMAGES, "coco_annotations"),  # detection: images + instances_{train,val}2017.json
     "pascal-context": ("voc2010", "pascal_context_annotations"),
 }
 USER_PROVIDED = ("imagenet", "cityscapes")

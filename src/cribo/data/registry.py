@@ -82,7 +82,8 @@ ARCHIVES: dict[str, Archive] = {a.name: a for a in (
             int(18.9 * _GB), "cced6f7f71b7629ddf16f17bbcfab6b2"),
     Archive("coco_val2017", "http://images.cocodataset.org/zips/val2017.zip", "val2017.zip",
             int(0.82 * _GB), "442b8da7639aecaf257c1dceb8ba8c80"),
-    # COCO instances (detection / instance segmentation): md5 as torchvision-style downloaders list it
+    # COCO instances (detection / instance segmentation): the md5 two independent COCO downloaders list
+    # (they list the train2017 / val2017 md5 above as well)
     Archive("coco_annotations", "http://images.cocodataset.org/annotations/annotations_trainval2017.zip",
             "annotations_trainval2017.zip", int(0.25 * _GB), "f4bbac642086de4f52a3fdda2de5fa2c"),
     Archive("coco_stuff_annotations",

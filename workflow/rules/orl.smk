@@ -11,6 +11,8 @@ ORL_RUNS = [n for n, c in RUNS.items() if c["method"] == "orl"]
 ORL_STAGE1_ID = RUN_IDS.get(ORL_STAGE2["stage1"])
 ORL_DIR = orl_stage2_dir(config, ORL_STAGE1_ID) if ORL_RUNS and ORL_STAGE1_ID else None
 ORL_SHARDS = list(range(ORL_STAGE2["shards"]))
+# the pretrainings of ORL's chain (scheduled ahead of the others, rule pretrain)
+ORL_CHAIN_IDS = ([ORL_STAGE1_ID] if ORL_DIR else []) + [RUN_IDS[n] for n in ORL_RUNS]
 
 
 def orl_correspondence_input(wildcards):
@@ -23,6 +25,8 @@ if ORL_DIR:
     ORL_STAGE1 = f"results/{EXPERIMENT}/{ORL_STAGE1_ID}/pretrain"
 
     rule orl_knn:
+        # stage 2 sits between two pretrainings: ahead of everything, so ORL's stage 3 is not left to the end
+        priority: 20
         input:
             f"{ORL_STAGE1}/summary.json",
         output:
@@ -37,6 +41,7 @@ if ORL_DIR:
             "cribo orl knn --checkpoint " + ORL_STAGE1 + "/checkpoint.pth --k {params.k} --out {output} > {log} 2>&1"
 
     rule orl_proposals:
+        priority: 20
         input:
             f"{ORL_DIR}/knn.npz",
         output:
@@ -56,6 +61,7 @@ if ORL_DIR:
             "--max-iou {params.s[max_iou]} --top-n {params.s[top_n]} --out {output} > {log} 2>&1"
 
     rule orl_roi_embed:
+        priority: 20
         input:
             knn=f"{ORL_DIR}/knn.npz",
             proposals=f"{ORL_DIR}/proposals-{{shard}}.npz",
@@ -72,6 +78,7 @@ if ORL_DIR:
             "--proposals {input.proposals} --out {output} > {log} 2>&1"
 
     rule orl_pairs:
+        priority: 20
         input:
             knn=f"{ORL_DIR}/knn.npz",
             proposals=expand(f"{ORL_DIR}/proposals-{{shard}}.npz", shard=ORL_SHARDS),
@@ -92,6 +99,7 @@ if ORL_DIR:
             "--shard {wildcards.shard} --num-shards {params.n} --ratio {params.ratio} --out {output} > {log} 2>&1"
 
     rule orl_correspondence:
+        priority: 20
         input:
             knn=f"{ORL_DIR}/knn.npz",
             proposals=expand(f"{ORL_DIR}/proposals-{{shard}}.npz", shard=ORL_SHARDS),

@@ -34,6 +34,9 @@ rule pretrain:
     benchmark:
         "logs/benchmarks/{experiment}/{run_id}/pretrain.tsv"
     threads: lambda wc: min(workflow.cores, PRETRAIN_THREADS)
+    # before evaluations, so the last minutes are not one core training alone; ORL's chain (stage-1
+    # run, stage 2, stage-3 runs) first of all, as it is three jobs long
+    priority: lambda wc: 30 if wc.run_id in ORL_CHAIN_IDS else 10
     resources:
         # processes (GPUs) of the run: the run's train.gpus_per_node, else 0 (one CPU process); the
         # SLURM profile's set-resources (gpu: 8) overrides it, -> sbatch --gpus=N, and `cribo train`

@@ -133,3 +133,16 @@ def test_detection_rows_meet_box_and_mask_ap_and_linear_top1():
     linear = {**row, "protocol": "classify_linear", "dataset": "imagenet", "top1": 60.0}
     top1 = paper_table([linear], shipped, "classify_linear").set_index(["method", "pretrain"])
     assert top1.loc[("orl", "coco"), "paper"] == 59.0 and top1.loc[("orl", "coco"), "delta"] == pytest.approx(1.0)
+
+
+def test_semi_supervised_rows_meet_the_published_top1_per_subset_list():
+    shipped = load_paper_results("config/paper_results.yaml")
+    # ORL's imagenet_semi table: 8 rows x (1 %, 10 %)
+    assert len(shipped["classify_semi"]) == 16
+    row = {"experiment": "e", "run_name": "orl", "method": "orl", "arch": "resnet50", "patch_size": 32,
+           "pretrain_data": "coco", "dataset": "imagenet", "protocol": "classify_semi"}
+    rows = [{**row, "subset": "1percent", "top1": 30.0}, {**row, "subset": "10percent", "top1": 61.0}]
+    table = paper_table(rows, shipped, "classify_semi")
+    ours = table[table.run_name == "orl"].set_index("subset")
+    assert ours.loc["1percent", "paper"] == 31.0 and ours.loc["1percent", "delta"] == pytest.approx(-1.0)
+    assert ours.loc["10percent", "paper"] == 60.5 and ours.loc["10percent", "delta"] == pytest.approx(0.5)

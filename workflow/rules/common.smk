@@ -67,7 +67,7 @@ LINEAR_SIZE = LINEAR["image_size"] or EVAL["image_size"]
 DENSE = EVAL["dense"]
 ABLATION_BASE = (config.get("ablations") or {}).get("base") if (config.get("ablations") or {}).get("grid") else None
 PAPER_PROTOCOLS = ["incontext", "linear", "finetune", "overcluster", "svm", "svm_lowshot", "detect_box", "detect_mask",
-                   "classify_linear"]
+                   "classify_linear", "classify_semi"]
 FINETUNE = EVAL["finetune"]
 DATA_ID = f"{DATASET}-{short_hash(DATA_ROOT, 6)}"
 # one settings id per protocol: changing one protocol's settings leaves the others' rows valid

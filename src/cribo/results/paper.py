@@ -11,7 +11,7 @@ seeds, and outer-joined with the published entries on the same key:
 - the VOC07 SVM protocols report mAP (``map``) instead of mIoU; a low-shot entry matches on ``k`` and
   the cost selection (``test`` for the published, official numbers); detection rows are compared
   twice, box AP (``detect_box``, entries keyed ``AP_bb``) and mask AP (``detect_mask``, ``AP_mk``);
-  linear classification on ``top1``;
+  linear and semi-supervised classification on ``top1`` (semi: per subset list, ``1percent`` / ``10percent``);
 - ``delta`` = ours - paper; a missing side leaves its cells empty.
 
 Published entries that match none of our rows are listed when their dataset is one we evaluated
@@ -29,12 +29,12 @@ import yaml
 KEY = ["method", "arch", "patch_size", "pretrain", "dataset"]
 SETTINGS = {"incontext": ["fraction"], "linear": ["protocol"], "finetune": ["decoder"], "overcluster": ["clusters"],
             "svm": [], "svm_lowshot": ["k", "cost_selection"], "detect_box": [], "detect_mask": [],
-            "classify_linear": []}
+            "classify_linear": [], "classify_semi": ["subset"]}
 PROTOCOLS = tuple(SETTINGS)
 # the number each section compares: mIoU for the dense protocols, mAP for the VOC07 SVMs, COCO AP for
 # detection (box and mask from the same rows), top-1 for linear classification
 METRIC = {**{p: "miou" for p in PROTOCOLS}, "svm": "map", "svm_lowshot": "map", "detect_box": "AP_bb",
-          "detect_mask": "AP_mk", "classify_linear": "top1"}
+          "detect_mask": "AP_mk", "classify_linear": "top1", "classify_semi": "top1"}
 # the rows a section reads (``protocol`` of the row), when it is not the section's own name
 ROW_PROTOCOL = {"detect_box": "detect", "detect_mask": "detect"}
 _REQUIRED = {"method", "arch", "patch_size", "pretrain", "dataset", "source"}
@@ -134,6 +134,8 @@ def _our_setting(protocol: str, row: dict) -> dict:
         return {}
     if protocol == "svm_lowshot":
         return {"k": int(row["k"]), "cost_selection": row.get("cost_selection")}
+    if protocol == "classify_semi":
+        return {"subset": row.get("subset")}
     clusters = "classes" if row.get("matching") == "hungarian" else int(row["clusters"])
     return {"clusters": clusters}
 

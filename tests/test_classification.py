@@ -159,3 +159,30 @@ def test_data_download_fetches_the_official_lists(tmp_path, monkeypatch, capsys)
                  "--no-progress"]) == 0
     assert (tmp_path / "dl" / "imagenet_1percent.txt").read_bytes() == listed
     assert "1percent: " in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_two_processes_fine_tune_one_classifier_and_rank_zero_writes_the_row(tmp_path):
+    import subprocess
+    import sys
+
+    common = _common(tmp_path)
+    subset = tmp_path / "sub.txt"
+    subset.write_text("n00000001_0.JPEG\nn00000001_1.JPEG\nn00000002_0.JPEG\nn00000002_1.JPEG\n")
+    out = tmp_path / "semi2.json"
+    done = subprocess.run([sys.executable, "-m", "cribo.cli", "eval", "classify", *common, "--mode", "semi",
+                           "--subset-list", str(subset), "--device", "cpu", "--nproc-per-node", "2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "torch.distributed.run --standalone --nproc_per_node=2" in done.stdout
+    row = json.loads(out.read_text())
+    # the global batch of 4 is 2 + 2: one step per epoch over the 4 listed images, one row
+    assert row["world_size"] == 2 and row["train_images"] == 4 and np.isfinite(row["final_loss"])
+    assert done.stdout.count("semi classification: top-1") == 1
+
+
+def test_a_global_batch_that_does_not_split_is_refused(tmp_path, capsys):
+    common = _common(tmp_path)
+    assert main(["eval", "classify", *common, "--mode", "linear", "--nproc-per-node", "3",
+                 "--out", str(tmp_path / "x.json")]) == 2
+    assert "--batch-size 4 (the global batch) does not split over --nproc-per-node 3" in capsys.readouterr().err

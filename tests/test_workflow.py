@@ -84,6 +84,7 @@ def test_classification_rows_use_official_lists_by_name_and_files_by_stem(tmp_pa
     assert "--subset-list 1percent " in text and "--subset-list lists/my-5pc.txt " in text
     assert "/semi-1percent.json" in text and "/semi-my-5pc.json" in text and "/linear.json" in text
     assert "toy_image_folder" not in text and "--data-root /data/in1k" in text
+    assert "--nproc-per-node 0 " in text  # one CPU process here; the SLURM profile gives the rule 8 GPUs
 
 
 def test_run_config_typo_names_the_key_and_the_file(tmp_path):

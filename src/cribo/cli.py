@@ -379,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--image-size", type=int, default=224, help="crop side (default 224)")
     cl.add_argument("--seed", type=int, default=0)
     cl.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    cl.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                    help="processes (GPUs) on this node; N > 1 relaunches under torchrun --standalone (DDP, SyncBN on "
+                         "GPUs; --batch-size stays the global batch); under srun, one task per GPU")
     cl.add_argument("--num-workers", type=int, default=0)
     cl.add_argument("--no-progress", action="store_true")
     cl.add_argument("--timm-model", default=None, help="timm architecture of bare ViT weights")
@@ -567,14 +570,14 @@ def cmd_train(args) -> None:
         atomic_write_text(args.summary, json.dumps(summary, indent=1) + "\n")
 
 
-def _load_eval_backbone(args):
+def _load_eval_backbone(args, device=None):
     from cribo.models.backbones import backbone_from_checkpoint
     from cribo.train.checkpoint import load_checkpoint
     from cribo.train.distributed import pick_device
 
     ckpt = load_checkpoint(args.checkpoint)
     backbone = backbone_from_checkpoint(ckpt, args.checkpoint, timm_model=getattr(args, "timm_model", None))
-    device = pick_device(args.device)
+    device = device if device is not None else pick_device(args.device)
     size = args.image_size or backbone.default_img_size
     ckpt.setdefault("method", backbone.source_method)
     return backbone.to(device), ckpt, device, size
@@ -747,28 +750,46 @@ def cmd_classify(args) -> None:
     from cribo.eval.classification import train_classifier
     from cribo.eval.protocol import make_row, write_row
     from cribo.train.checkpoint import file_sha256
+    from cribo.train.distributed import barrier, cleanup, init_distributed, read_launch_env
 
     started = time.time()
     linear = args.mode == "linear"
     if linear and args.subset_list:
         raise ValueError("--subset-list belongs to --mode semi (the linear protocol trains on the full train split)")
-    subset = None
-    if args.subset_list:  # before the backbone: a wrong name or a failed download stops at once
-        from cribo.eval.classification import resolve_subset_list
+    if args.batch_size % max(1, args.nproc_per_node):
+        raise ValueError(f"--batch-size {args.batch_size} (the global batch) does not split over "
+                         f"--nproc-per-node {args.nproc_per_node} processes")
+    from cribo.eval.classification import resolve_subset_list
 
-        subset = str(resolve_subset_list(args.subset_list, args.downloads, args.mirror, progress=not args.no_progress))
+    def subset_file() -> str:
+        return str(resolve_subset_list(args.subset_list, args.downloads, args.mirror, progress=not args.no_progress))
+
+    # before the backbone: a wrong name or a failed download stops at once; one process downloads
+    # (this one before a torchrun relaunch, or rank 0 under srun), the others then find the verified file
+    subset = subset_file() if args.subset_list and read_launch_env().rank == 0 else None
+    if args.nproc_per_node > 1 and read_launch_env().launcher == "single":
+        _relaunch_under_torchrun(args.nproc_per_node, args.argv)
     weight_decay = args.weight_decay
     if weight_decay is None:
         weight_decay = 5e-4 if not linear and args.subset_list == "1percent" else 1e-4
-    backbone, ckpt, device, _ = _load_eval_backbone(args)
+    info = init_distributed(args.device)
+    if args.subset_list:
+        barrier()  # rank 0 has the file
+        subset = subset or subset_file()
+    backbone, ckpt, device, _ = _load_eval_backbone(args, info.device)
     result = train_classifier(
         backbone, args.data_root, mode=args.mode, epochs=args.epochs if args.epochs is not None else (28 if linear else 20),
         steps=tuple(args.steps if args.steps is not None else ((8, 16, 24) if linear else (12, 16))),
         lr=args.lr if args.lr is not None else 0.01, gamma=0.1 if linear else 0.2,
         weight_decay=weight_decay, batch_size=args.batch_size,
         head_lr_mult=args.head_lr_mult, subset_list=subset, image_size=args.image_size, seed=args.seed,
-        device=device, num_workers=args.num_workers, progress=not args.no_progress)
+        device=device, num_workers=args.num_workers, progress=not args.no_progress, rank=info.rank,
+        world_size=info.world_size)
+    cleanup()
+    if result is None:  # not rank 0: rank 0 evaluated and writes the row
+        return
     result["seed"] = args.seed
+    result["world_size"] = info.world_size
     if subset:
         from cribo.data.registry import IMAGENET_SUBSETS
 

@@ -32,6 +32,8 @@ rule eval_classify:
     benchmark:
         f"logs/benchmarks/{{experiment}}/{{run_id}}/classify-{CLASSIFY_ID}-{{mode}}.tsv"
     threads: EVAL["threads"]
+    resources:
+        gpu=0,  # GPUs of the job (0: one CPU process); the SLURM profile sets 8: torchrun, one process each
     params:
         ckpt=lambda wc, input: os.path.join(os.path.dirname(input.summary), "checkpoint.pth"),
         name=lambda wc: RUN_NAME[wc.run_id],
@@ -39,5 +41,5 @@ rule eval_classify:
     shell:
         "cribo eval classify --checkpoint {params.ckpt} --data-root {CLASSIFY_ROOT} --dataset {CLASSIFY[dataset]} "
         "{params.options} --image-size {CLASSIFY[image_size]} --batch-size {CLASSIFY[batch_size]} "
-        "--experiment {wildcards.experiment} --run-name {params.name} --out {output} "
+        "--nproc-per-node {resources.gpu} --experiment {wildcards.experiment} --run-name {params.name} --out {output} "
         "--no-progress > {log} 2>&1"

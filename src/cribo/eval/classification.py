@@ -165,16 +165,31 @@ class Classifier(nn.Module):
 def train_classifier(backbone, root: str | Path, *, mode: str, epochs: int, steps: tuple[int, ...],
                      lr: float, weight_decay: float, gamma: float, batch_size: int = 256,
                      head_lr_mult: float = 1.0, subset_list: str | None = None, image_size: int = 224,
-                     seed: int = 0, device="cpu", num_workers: int = 0, progress: bool = True) -> dict:
-    """Train ``mode`` (``linear`` or ``semi``) and return top-1 / top-5 on val with the settings."""
+                     seed: int = 0, device="cpu", num_workers: int = 0, progress: bool = True,
+                     rank: int = 0, world_size: int = 1) -> dict | None:
+    """Train ``mode`` (``linear`` or ``semi``) and return top-1 / top-5 on val with the settings.
+
+    Several processes (``world_size > 1``, the process group initialised by the caller): the model is
+    wrapped in DistributedDataParallel (BatchNorm made SyncBN on GPUs), ``batch_size`` stays the
+    global batch and each process reads its share of every epoch (a DistributedSampler); rank 0
+    evaluates and returns the result, the other processes return None.
+    """
     if mode not in ("linear", "semi"):
         raise ValueError(f"mode {mode!r}: choose linear or semi")
+    if batch_size % world_size:
+        raise ValueError(f"the global batch ({batch_size}) must split evenly over {world_size} processes")
     paths, labels, classes = image_folder(root, "train")
     if subset_list:
         paths, labels = apply_subset(paths, labels, read_subset_list(subset_list), subset_list)
     val_paths, val_labels, _ = image_folder(root, "val")
     torch.manual_seed(seed)
     model = Classifier(backbone, len(classes), frozen=mode == "linear").to(device)
+    trained = model  # what the training steps call: the model, or its DDP wrapper
+    if world_size > 1:
+        if torch.device(device).type == "cuda":  # torch has no SyncBN on CPU
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        trained = nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.device(device).index] if torch.device(device).type == "cuda" else None)
     head = list(model.fc.parameters())
     groups = [{"params": head, "lr": lr * head_lr_mult}]
     if mode == "semi":
@@ -182,8 +197,14 @@ def train_classifier(backbone, root: str | Path, *, mode: str, epochs: int, step
     for g in groups:
         g["initial_lr"] = g["lr"]
     optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=mode == "linear")
-    loader = torch.utils.data.DataLoader(_Images(paths, labels, True, image_size), batch_size=batch_size,
-                                         shuffle=True, num_workers=num_workers, drop_last=len(paths) > batch_size,
+    train_set = _Images(paths, labels, True, image_size)
+    sampler = None
+    if world_size > 1:
+        sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True,
+                                                      seed=seed, drop_last=len(paths) > batch_size)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size // world_size, shuffle=sampler is None,
+                                         sampler=sampler, num_workers=num_workers,
+                                         drop_last=len(paths) > batch_size,
                                          generator=torch.Generator().manual_seed(seed))
     loss_fn = nn.CrossEntropyLoss()
     started = time.time()
@@ -191,13 +212,17 @@ def train_classifier(backbone, root: str | Path, *, mode: str, epochs: int, step
         factor = gamma ** sum(epoch >= s for s in steps)
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * factor
-        model.train()
-        for images, targets in tqdm(loader, desc=f"{mode} epoch {epoch + 1}/{epochs}", disable=not progress,
-                                    file=sys.stdout, mininterval=5):
-            loss = loss_fn(model(images.to(device)), targets.to(device))
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        trained.train()
+        for images, targets in tqdm(loader, desc=f"{mode} epoch {epoch + 1}/{epochs}",
+                                    disable=not progress or rank > 0, file=sys.stdout, mininterval=5):
+            loss = loss_fn(trained(images.to(device)), targets.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+    if rank > 0:
+        return None
     model.eval()
     val_loader = torch.utils.data.DataLoader(_Images(val_paths, val_labels, False, image_size), batch_size=batch_size,
                                              num_workers=num_workers)

@@ -83,6 +83,17 @@ def test_overcluster_table_one_line_per_k_and_metrics(tmp_path):
     assert "| dino |" in (tmp_path / "out" / "overcluster.md").read_text()
 
 
+def _tables_from(rows: list[dict], run: str, tmp_path) -> dict:
+    """Write ``rows`` (plus an in-context row of ``run``, which every table set needs) as JSON files, build
+    the tables into ``tmp_path/tables`` and return the metrics."""
+    out = tmp_path / "rows"
+    out.mkdir()
+    for i, r in enumerate([*rows, _row(run, 20.0, 0)]):
+        (out / f"{i}.json").write_text(json.dumps(r))
+    write_tables([out], tmp_path / "tables")
+    return json.loads((tmp_path / "tables" / "metrics.json").read_text())
+
+
 def test_linear_and_finetune_tables_keep_their_protocols_apart(tmp_path):
     from cribo.results.tables import build_finetune_table, build_linear_table
 
@@ -100,12 +111,7 @@ def test_linear_and_finetune_tables_keep_their_protocols_apart(tmp_path):
     assert linear.epochs.tolist()[0] == 25 and pd.isna(linear.epochs.tolist()[1])
     finetune = build_finetune_table(rows)
     assert finetune.decoder.tolist() == ["linear", "mask"] and finetune.layer_decay.tolist() == [0.65, 1.0]
-    out = tmp_path / "rows"
-    out.mkdir()
-    for i, r in enumerate([*rows, _row("cribo", 20.0, 0)]):
-        (out / f"{i}.json").write_text(json.dumps(r))
-    write_tables([out], tmp_path / "tables")
-    metrics = json.loads((tmp_path / "tables" / "metrics.json").read_text())
+    metrics = _tables_from(rows, "cribo", tmp_path)
     assert metrics["finetune_miou"]["toy"]["cribo"] == {"voc_linear": 68.0, "voc_mask": 70.0}
     assert metrics["linear_miou"]["toy"]["cribo"] == {"voc_leopart": 55.0, "voc_mmseg": 61.23}
     assert "| mask |" in (tmp_path / "tables" / "finetune.md").read_text()
@@ -126,12 +132,7 @@ def test_classification_table_one_line_per_mode_and_subset(tmp_path):
     assert table.protocol.tolist() == ["classify_linear", "classify_semi", "classify_semi"]
     assert table.subset.tolist()[1:] == ["10percent", "1percent"] and pd.isna(table.subset.tolist()[0])
     assert table.top1.tolist() == [59.0, 55.12, 42.0]
-    out = tmp_path / "rows"
-    out.mkdir()
-    for i, r in enumerate([*rows, _row("orl", 20.0, 0)]):
-        (out / f"{i}.json").write_text(json.dumps(r))
-    write_tables([out], tmp_path / "tables")
-    metrics = json.loads((tmp_path / "tables" / "metrics.json").read_text())
+    metrics = _tables_from(rows, "orl", tmp_path)
     assert metrics["classify_top1"]["toy"]["orl"] == {"imagenet_linear": 59.0, "imagenet_semi_10percent": 55.12,
                                                       "imagenet_semi_1percent": 42.0}
     assert "| classify_semi | 1percent | 12811 |" in (tmp_path / "tables" / "classify.md").read_text()

@@ -766,8 +766,9 @@ def cmd_classify(args) -> None:
 
     # before the backbone: a wrong name or a failed download stops at once; one process downloads
     # (this one before a torchrun relaunch, or rank 0 under srun), the others then find the verified file
-    subset = subset_file() if args.subset_list and read_launch_env().rank == 0 else None
-    if args.nproc_per_node > 1 and read_launch_env().launcher == "single":
+    launch = read_launch_env()
+    subset = subset_file() if args.subset_list and launch.rank == 0 else None
+    if args.nproc_per_node > 1 and launch.launcher == "single":
         _relaunch_under_torchrun(args.nproc_per_node, args.argv)
     weight_decay = args.weight_decay
     if weight_decay is None:

@@ -14,7 +14,7 @@ rule toy_image_folder:
     params:
         root=CLASSIFY_ROOT,
         percents=lambda wc: " ".join(s.removesuffix("percent") for s in CLASSIFY_SUBSETS.values()
-                                     if re.fullmatch(r"[0-9.]+percent", s)) or "10",
+                                     if is_percent_list(s)) or "10",
     shell:
         "cribo data toy-folder --toy-root {input} --out {params.root} --percents {params.percents} > {log} 2>&1"
 

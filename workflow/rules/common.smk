@@ -175,9 +175,14 @@ else:
                       if CLASSIFY["dataset"] == "imagenet" and "imagenet" in _user_roots else [])
 
 
+def is_percent_list(subset) -> bool:
+    """``<n>percent``: an official ImageNet list, or on the toy the toy's own class-balanced list."""
+    return re.fullmatch(r"[0-9.]+percent", subset) is not None
+
+
 def _subset_label(subset):
     """A subset's name in file names: the official / toy name as is, a file by its stem."""
-    return subset if re.fullmatch(r"[0-9.]+percent", subset) else re.sub(r"[^A-Za-z0-9_-]", "_", Path(subset).stem)
+    return subset if is_percent_list(subset) else re.sub(r"[^A-Za-z0-9_-]", "_", Path(subset).stem)
 
 
 CLASSIFY_SUBSETS = {_subset_label(s): s for s in CLASSIFY["subsets"]}
@@ -191,7 +196,7 @@ CLASSIFY_ID = (f"{CLASSIFY['dataset']}-{short_hash(CLASSIFY_ROOT, 6)}-{CLASSIFY[
 def classify_subset_arg(label):
     """What `cribo eval classify --subset-list` gets: the toy's own list, an official name or a file."""
     subset = CLASSIFY_SUBSETS[label]
-    if CLASSIFY["dataset"] == "toyscenes" and re.fullmatch(r"[0-9.]+percent", subset):
+    if CLASSIFY["dataset"] == "toyscenes" and is_percent_list(subset):
         return f"{CLASSIFY_ROOT}/subsets/{subset}.txt"
     return subset
 

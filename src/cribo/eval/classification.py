@@ -186,10 +186,10 @@ def train_classifier(backbone, root: str | Path, *, mode: str, epochs: int, step
     model = Classifier(backbone, len(classes), frozen=mode == "linear").to(device)
     trained = model  # what the training steps call: the model, or its DDP wrapper
     if world_size > 1:
-        if torch.device(device).type == "cuda":  # torch has no SyncBN on CPU
+        gpu = torch.device(device)
+        if gpu.type == "cuda":  # torch has no SyncBN on CPU
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        trained = nn.parallel.DistributedDataParallel(
-            model, device_ids=[torch.device(device).index] if torch.device(device).type == "cuda" else None)
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=[gpu.index] if gpu.type == "cuda" else None)
     head = list(model.fc.parameters())
     groups = [{"params": head, "lr": lr * head_lr_mult}]
     if mode == "semi":

@@ -249,61 +249,55 @@ def build_ablation_table(rows: list[dict], base: str) -> pd.DataFrame:
     return table.round({"base": 2, "ours": 2, "change": 2})
 
 
+def _write_pair(out_dir: Path, name: str, table: pd.DataFrame) -> None:
+    """``name.csv`` (for programs) and ``name.md`` (for people) of one table."""
+    atomic_write_text(out_dir / f"{name}.csv", table.to_csv(index=False))
+    atomic_write_text(out_dir / f"{name}.md", to_markdown(table))
+
+
+def _add_metrics(metrics: dict, section: str, table: pd.DataFrame, values) -> None:
+    """``metrics[section][experiment][run_name]`` gains ``values(line)`` (a dict) for each line of ``table``;
+    nested, so `dvc metrics show` flattens it readably."""
+    for r in table.itertuples(index=False):
+        metrics.setdefault(section, {}).setdefault(r.experiment, {}).setdefault(r.run_name, {}).update(values(r))
+
+
 def write_tables(row_paths: list[str | Path], out_dir: str | Path, ablation_base: str | None = None,
                  paper: str | Path | None = None) -> dict[str, Path]:
     out_dir = Path(out_dir)
     rows = read_rows(row_paths)
     table = build_incontext_table(rows)
     overclusters = build_overcluster_table(rows)
-    atomic_write_text(out_dir / "overcluster.csv", overclusters.to_csv(index=False))
-    atomic_write_text(out_dir / "overcluster.md", to_markdown(overclusters))
+    _write_pair(out_dir, "overcluster", overclusters)
     linear = build_linear_table(rows)
-    atomic_write_text(out_dir / "linear.csv", linear.to_csv(index=False))
-    atomic_write_text(out_dir / "linear.md", to_markdown(linear))
+    _write_pair(out_dir, "linear", linear)
     finetune = build_finetune_table(rows)
-    atomic_write_text(out_dir / "finetune.csv", finetune.to_csv(index=False))
-    atomic_write_text(out_dir / "finetune.md", to_markdown(finetune))
+    _write_pair(out_dir, "finetune", finetune)
     csv_path, md_path, metrics_path = (out_dir / "incontext.csv", out_dir / "incontext.md",
                                        out_dir / "metrics.json")
-    atomic_write_text(csv_path, table.to_csv(index=False))
-    atomic_write_text(md_path, to_markdown(table))
-    metrics: dict = {}
-    for r in table.itertuples(index=False):  # nested, so `dvc metrics show` flattens it readably
-        suffix = "" if r.incontext_protocol == "clean" else f"_{r.incontext_protocol}"
-        metrics.setdefault(r.experiment, {}).setdefault(r.run_name, {})[f"{r.dataset}_f{r.fraction}{suffix}"] = r.miou
-    metrics = {"incontext_miou": metrics}
-    for r in linear.itertuples(index=False):
-        metrics.setdefault("linear_miou", {}).setdefault(r.experiment, {}).setdefault(
-            r.run_name, {})[f"{r.dataset}_{r.protocol_name}"] = r.miou
-    for r in finetune.itertuples(index=False):
-        metrics.setdefault("finetune_miou", {}).setdefault(r.experiment, {}).setdefault(
-            r.run_name, {})[f"{r.dataset}_{r.decoder}"] = r.miou
-    for r in overclusters.itertuples(index=False):
-        metrics.setdefault("overcluster_miou", {}).setdefault(r.experiment, {}).setdefault(
-            r.run_name, {})[f"{r.dataset}_k{r.clusters}"] = r.miou
+    _write_pair(out_dir, "incontext", table)
+    metrics: dict = {"incontext_miou": {}}
+
+    def incontext_key(r) -> str:
+        return f"{r.dataset}_f{r.fraction}" + ("" if r.incontext_protocol == "clean" else f"_{r.incontext_protocol}")
+
+    _add_metrics(metrics, "incontext_miou", table, lambda r: {incontext_key(r): r.miou})
+    _add_metrics(metrics, "linear_miou", linear, lambda r: {f"{r.dataset}_{r.protocol_name}": r.miou})
+    _add_metrics(metrics, "finetune_miou", finetune, lambda r: {f"{r.dataset}_{r.decoder}": r.miou})
+    _add_metrics(metrics, "overcluster_miou", overclusters, lambda r: {f"{r.dataset}_k{r.clusters}": r.miou})
     svm_table = build_svm_table(rows)
-    atomic_write_text(out_dir / "svm.csv", svm_table.to_csv(index=False))
-    atomic_write_text(out_dir / "svm.md", to_markdown(svm_table))
-    for r in svm_table.itertuples(index=False):
-        setting = "full" if r.protocol == "svm" else f"k{r.k}_{r.cost_selection}"
-        metrics.setdefault("svm_map", {}).setdefault(r.experiment, {}).setdefault(
-            r.run_name, {})[f"{r.dataset}_{setting}"] = r.map
+    _write_pair(out_dir, "svm", svm_table)
+    _add_metrics(metrics, "svm_map", svm_table, lambda r: {
+        f"{r.dataset}_{'full' if r.protocol == 'svm' else f'k{r.k}_{r.cost_selection}'}": r.map})
     classify = build_classify_table(rows)
-    atomic_write_text(out_dir / "classify.csv", classify.to_csv(index=False))
-    atomic_write_text(out_dir / "classify.md", to_markdown(classify))
-    for r in classify.itertuples(index=False):
-        setting = "linear" if r.protocol == "classify_linear" else f"semi_{r.subset}"
-        metrics.setdefault("classify_top1", {}).setdefault(r.experiment, {}).setdefault(
-            r.run_name, {})[f"{r.dataset}_{setting}"] = r.top1
+    _write_pair(out_dir, "classify", classify)
+    _add_metrics(metrics, "classify_top1", classify, lambda r: {
+        f"{r.dataset}_{'linear' if r.protocol == 'classify_linear' else f'semi_{r.subset}'}": r.top1})
     detect = build_detect_table(rows)
-    atomic_write_text(out_dir / "detect.csv", detect.to_csv(index=False))
-    atomic_write_text(out_dir / "detect.md", to_markdown(detect))
-    for r in detect.itertuples(index=False):
-        metrics.setdefault("detect_ap", {}).setdefault(r.experiment, {}).setdefault(
-            r.run_name, {}).update({f"{r.dataset}_box": r.AP_bb, f"{r.dataset}_mask": r.AP_mk})
+    _write_pair(out_dir, "detect", detect)
+    _add_metrics(metrics, "detect_ap", detect, lambda r: {f"{r.dataset}_box": r.AP_bb, f"{r.dataset}_mask": r.AP_mk})
     ablations = build_ablation_table(rows, ablation_base) if ablation_base else build_ablation_table([], "")
-    atomic_write_text(out_dir / "ablations.csv", ablations.to_csv(index=False))
-    atomic_write_text(out_dir / "ablations.md", to_markdown(ablations))
+    _write_pair(out_dir, "ablations", ablations)
     if paper is not None:
         from cribo.results.paper import write_paper_tables
 

@@ -45,6 +45,7 @@ from cribo.method.memory_bank import ObjectMemoryBank
 from cribo.models.backbones import build_vit
 from cribo.models.heads import DINOHead, cancel_last_layer_gradients
 from cribo.train import engine
+from cribo.train.host_memory import keep_freed_host_memory
 
 PRESETS = {
     "issue": dict(arch="vit_tiny", img=96, batch=16, clusters=8, queue=256, pos_alpha=1.0),
@@ -145,6 +146,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plain-adamw", action="store_true", help="torch's default AdamW, not the engine's")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's allocator as it is (the engine keeps freed host memory, see "
+                             "cribo.train.host_memory; train.keep_freed_host_memory)")
     parser.add_argument("--count-flops", action="store_true",
                         help="after the timed steps, count one step's FLOPs (torch's FlopCounterMode: matmuls, "
                              "convolutions and attention, forward and backward) and the rate the median step achieved")
@@ -153,6 +157,8 @@ def main() -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
     torch.set_num_threads(args.threads)
+    allocator = "glibc default" if args.default_allocator else (
+        "freed memory kept" if keep_freed_host_memory() else "default (not glibc)")
 
     student, teacher, loss_fn, bank, optimizer, settings = build(args)
     clock = PhaseClock()
@@ -202,7 +208,8 @@ def main() -> None:
     total = sum(step_seconds)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"preset {args.preset}: {args.arch}/16, {args.img} px, batch {args.batch}, K {args.clusters}, "
-          f"queue {args.queue} images, heads {args.out_dim}, epoch {args.epoch}, {args.threads} threads")
+          f"queue {args.queue} images, heads {args.out_dim}, epoch {args.epoch}, {args.threads} threads, "
+          f"host allocator: {allocator}")
     print(f"objects/image {statistics.mean(objects):.1f}, cycle-consistent {statistics.mean(cycles):.2f}, "
           f"loss {out['loss'].item():.4f}")
     print(f"images/s {args.batch * len(step_seconds) / total:.2f}  "

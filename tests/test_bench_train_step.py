@@ -24,3 +24,11 @@ def test_bench_train_step_runs_a_tiny_step_and_prints_every_phase():
     assert float(flops.split(":")[1].split("GFLOP")[0]) > 0
     for phase in ("data", "backbone", "clustering", "bank", "heads", "losses", "backward", "optimizer", "ema"):
         assert f" {phase} " in phases + " ", phase
+
+
+def test_bench_official_step_names_the_missing_clone():
+    script = SCRIPT.with_name("bench_official_step.py")
+    out = subprocess.run([sys.executable, str(script), "--official", "/nonexistent/CrIBo"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "/nonexistent/CrIBo" in out.stderr and "tileb1/CrIBo" in out.stderr

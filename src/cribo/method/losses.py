@@ -220,8 +220,7 @@ def _centred_sharpened(logits: list[torch.Tensor], places: list[torch.Tensor], c
     for part, place in zip(logits, places):
         probs.index_copy_(0, place, at_least_fp32(part.detach()))
     probs.sub_(center).div_(temp)
-    probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()
-    return probs.div_(probs.sum(dim=-1, keepdim=True))
+    return torch.softmax(probs, dim=-1, out=probs)  # row by row: one pass over memory, not four
 
 
 def _stacked(views: tuple[torch.Tensor, torch.Tensor] | list[torch.Tensor] | torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,9 @@ class _SoftCrossEntropy(torch.autograd.Function):
                 chunk_rows: int) -> torch.Tensor:
         losses = logits.new_zeros(targets.shape[0])
         for start, end, lo, hi, local in _blocks(rows, logits.shape[0], chunk_rows):
-            log_probs = F.log_softmax(logits[start:end] / temp, dim=-1)  # once per row, whatever its targets
+            # once per row, whatever its targets; the log-softmax overwrites the scaled copy (one buffer)
+            log_probs = torch.div(logits[start:end], temp)
+            torch.log_softmax(log_probs, dim=-1, out=log_probs)
             if local is not None:
                 log_probs = log_probs.index_select(0, local)
             losses[lo:hi] = -(targets[lo:hi] * log_probs).sum(dim=-1)
@@ -53,19 +55,25 @@ class _SoftCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_losses: torch.Tensor):
         logits, targets, rows = ctx.saved_tensors
         temp, chunk_rows = ctx.temp, ctx.chunk_rows
-        grad = torch.zeros_like(logits)
-        # per row r: (softmax(s_r / tau) * sum_j g_j * sum_k t_jk - sum_j g_j * t_j) / tau, over its targets j
-        weight = logits.new_zeros(logits.shape[0]).index_add_(0, rows, grad_losses * targets.sum(dim=-1))
-        for start, end, lo, hi, local in _blocks(rows, logits.shape[0], chunk_rows):
+        grad = torch.empty_like(logits)
+        # per row r: (softmax(s_r / tau) * sum_j g_j * sum_k t_jk - sum_j g_j * t_j) / tau, over its targets j;
+        # 1 / tau is folded into both factors so that each block is written in three passes
+        weight = logits.new_zeros(logits.shape[0]).index_add_(0, rows, grad_losses * targets.sum(dim=-1)) / temp
+        scaled = grad_losses / temp
+        taught = {start: (lo, hi, local) for start, _, lo, hi, local in _blocks(rows, logits.shape[0], chunk_rows)}
+        for start in range(0, logits.shape[0], chunk_rows):
+            end = min(start + chunk_rows, logits.shape[0])
             block = grad[start:end]
-            torch.softmax(logits[start:end] / temp, dim=-1, out=block)
+            torch.div(logits[start:end], temp, out=block)
+            torch.softmax(block, dim=-1, out=block)
             block.mul_(weight[start:end, None])
-            taught = targets[lo:hi] * grad_losses[lo:hi, None]
+            if start not in taught:  # rows without targets: weight 0, zero gradient
+                continue
+            lo, hi, local = taught[start]
             if local is None:
-                block.sub_(taught)
+                block.addcmul_(targets[lo:hi], scaled[lo:hi, None], value=-1)
             else:
-                block.index_add_(0, local, taught, alpha=-1)
-            block.div_(temp)
+                block.index_add_(0, local, targets[lo:hi] * scaled[lo:hi, None], alpha=-1)
         return grad, None, None, None, None
 
 

@@ -45,6 +45,7 @@ from cribo.method.base import Method, build_method
 from cribo.method.schedules import cosine_schedule
 from cribo.method.untrained import UNTRAINED
 from cribo.train.checkpoint import check_resume_settings, copy_checkpoint, load_checkpoint, save_checkpoint
+from cribo.train.host_memory import keep_freed_host_memory
 from cribo.train.distributed import (DistInfo, all_gather_objects, barrier, cleanup, init_distributed,
                                      is_distributed)
 from cribo.train.sampling import ResumableEpochSampler
@@ -88,6 +89,8 @@ def train(cfg: dict, output_dir: str | Path) -> Path:
     output_dir = Path(output_dir)
     check_resume_settings(output_dir / CHECKPOINT_NAME, cfg)  # before config.yaml is (over)written
     dist_info = init_distributed(cfg["train"]["device"])
+    if cfg["train"]["keep_freed_host_memory"]:
+        keep_freed_host_memory()  # before the first large tensor: the setting applies to later allocations
     if cfg["train"]["threads"]:
         # train.threads is the job's budget: torchrun's processes on this node share it
         torch.set_num_threads(max(1, cfg["train"]["threads"] // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))

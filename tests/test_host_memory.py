@@ -1,0 +1,62 @@
+"""cribo.train.host_memory: after keep_freed_host_memory(), a large freed tensor stays in the process.
+
+glibc serves a block above its mmap threshold (128 KiB by default, dynamically at most 32 MiB) with
+its own mmap and returns it to the kernel on free; with the setting, the block comes from the heap
+and the heap is not trimmed, so freeing it changes neither the mapped blocks (mallinfo2.hblkhd) nor
+the arena size. Each case runs in a fresh interpreter: mallopt changes the whole process.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                                reason="mallopt and mallinfo2 are glibc's")
+
+PROBE = r"""
+import ctypes, sys
+import torch
+from cribo.train.host_memory import keep_freed_host_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+applied = keep_freed_host_memory() if sys.argv[1] == "keep" else False
+size = 96 * 2**20
+before = libc.mallinfo2()
+block = torch.empty(size // 4, dtype=torch.float32)
+block.fill_(1.0)
+during = libc.mallinfo2()
+del block
+after = libc.mallinfo2()
+print(applied, during.hblkhd - before.hblkhd, during.arena - before.arena, after.arena - before.arena)
+"""
+
+
+def _probe(mode: str) -> tuple[bool, int, int, int]:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], check=True, capture_output=True, text=True)
+    applied, mapped, arena_during, arena_after = out.stdout.split()
+    return applied == "True", int(mapped), int(arena_during), int(arena_after)
+
+
+def test_default_glibc_maps_a_large_block_and_unmaps_it():
+    applied, mapped, arena_during, _ = _probe("default")
+    assert not applied
+    assert mapped >= 96 * 2**20  # its own mapping
+    assert arena_during < 96 * 2**20  # not from the heap
+
+
+def test_kept_host_memory_serves_large_blocks_from_the_heap_and_keeps_them():
+    applied, mapped, arena_during, arena_after = _probe("keep")
+    assert applied
+    assert mapped < 96 * 2**20  # no mapping of its own
+    assert arena_during >= 96 * 2**20  # the heap grew by the block
+    assert arena_after == arena_during  # and was not trimmed when it was freed

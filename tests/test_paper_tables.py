@@ -146,3 +146,26 @@ def test_semi_supervised_rows_meet_the_published_top1_per_subset_list():
     ours = table[table.run_name == "orl"].set_index("subset")
     assert ours.loc["1percent", "paper"] == 31.0 and ours.loc["1percent", "delta"] == pytest.approx(-1.0)
     assert ours.loc["10percent", "paper"] == 60.5 and ours.loc["10percent", "delta"] == pytest.approx(0.5)
+
+
+def test_semi_supervised_grid_compares_its_best_point_and_names_it():
+    shipped = load_paper_results("config/paper_results.yaml")
+    row = {"experiment": "e", "run_name": "orl", "method": "orl", "arch": "resnet50", "patch_size": 32,
+           "pretrain_data": "coco", "dataset": "imagenet", "protocol": "classify_semi", "subset": "1percent",
+           "checkpoint_sha256": "abc", "seed": 0, "epochs": 20, "steps": [12, 16], "weight_decay": 5e-4}
+    # a 2 x 2 grid on the 1 % list; the best top-1 (32.5) is at lr 0.01, head x10
+    grid = [(0.001, 1, 20.0), (0.001, 10, 25.0), (0.01, 1, 30.0), (0.01, 10, 32.5)]
+    rows = [{**row, "lr": lr, "head_lr_mult": mult, "top1": top1} for lr, mult, top1 in grid]
+    # a single point on the 10 % list, and the same grid from another checkpoint (another grid)
+    rows.append({**row, "subset": "10percent", "weight_decay": 1e-4, "lr": 0.1, "head_lr_mult": 1, "top1": 61.0})
+    rows.append({**row, "checkpoint_sha256": "other", "run_name": "orl-b", "lr": 0.1, "head_lr_mult": 100,
+                 "top1": 29.0})
+    table = paper_table(rows, shipped, "classify_semi")
+    orl = table[table.run_name == "orl"].set_index("subset")
+    assert orl.loc["1percent", "ours"] == 32.5
+    assert orl.loc["1percent", "delta"] == pytest.approx(32.5 - 31.0)
+    assert orl.loc["1percent", "grid"] == "lr 0.01, head x10 (best of 4)"
+    assert orl.loc["1percent", "seeds"] == 1  # one result, not a mean over the grid points
+    assert orl.loc["10percent", "ours"] == 61.0 and orl.loc["10percent", "grid"] == "lr 0.1, head x1"
+    other = table[table.run_name == "orl-b"]
+    assert other["ours"].tolist() == [29.0] and other["grid"].tolist() == ["lr 0.1, head x100"]

@@ -5,6 +5,7 @@ Each test copies the workflow into a temporary folder so it never touches the pr
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,13 +50,14 @@ def test_dry_run_plans_every_stage_even_with_committed_tables(tmp_path):
     # cribo, trained, + 1 imported baseline (a random ResNet-50): 9 evaluated; 2 splits each; one in-context
     # job per run (every fraction and seed) and one overclustering job per run (every K); linear protocols
     # leopart + mmseg -> 2 rows per run; one fine-tuning decoder (mask); SVM for svm.runs (cribo and the
-    # baseline): 2 splits, 1 full + k=2 x 2 selections per run; classification for the same two (linear and
-    # the toy's 10 % list) on the toy's classification view; detection for the baseline only; ORL stage 2
-    # in 2 shards
+    # baseline): 2 splits, 1 full + k=2 x 2 selections per run; classification for the same two (linear, and
+    # the toy's 10 % list at two grid points) on the toy's classification view; detection for the baseline
+    # only; ORL stage 2 in 2 shards
     for rule, count in (("download_toyscenes", 1), ("run_config", 8), ("pretrain", 8), ("init_weights", 1),
                         ("import_baseline", 1), ("extract", 18), ("eval_incontext", 9), ("eval_overcluster", 9),
                         ("eval_linear", 18), ("eval_finetune", 9), ("extract_global", 4), ("eval_svm", 2),
-                        ("eval_svm_lowshot", 4), ("toy_image_folder", 1), ("eval_classify", 4), ("eval_detect", 1), ("orl_proposals", 2), ("orl_correspondence", 1),
+                        ("eval_svm_lowshot", 4), ("toy_image_folder", 1), ("eval_classify", 6), ("eval_detect", 1), ("orl_proposals", 2),
+                        ("orl_correspondence", 1),
                         ("table", 1)):
         assert any(line.split() == [rule, str(count)] for line in text.splitlines()), (rule, text[-2000:])
 
@@ -82,9 +84,29 @@ def test_classification_rows_use_official_lists_by_name_and_files_by_stem(tmp_pa
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "--subset-list 1percent " in text and "--subset-list lists/my-5pc.txt " in text
-    assert "/semi-1percent.json" in text and "/semi-my-5pc.json" in text and "/linear.json" in text
+    # ci.yaml's two-point grid (lr 0.01 and 0.1, head x1): one row per list and point
+    for lst in ("1percent", "my-5pc"):
+        assert f"/semi-{lst}-lr0.01-x1.json" in text and f"/semi-{lst}-lr0.1-x1.json" in text
+    assert "--lr 0.1 --head-lr-mult 1" in text and "/linear.json" in text
     assert "toy_image_folder" not in text and "--data-root /data/in1k" in text
     assert "--nproc-per-node 0 " in text  # one CPU process here; the SLURM profile gives the rule 8 GPUs
+
+
+@pytest.mark.parametrize("lr, mult, expected", [
+    ([0.001, 0.01, 0.1], [1, 10, 100], 9),  # the official grid (the schema's default)
+    (0.01, 1, 1),  # one point: the short name semi-<list>
+])
+def test_semi_supervised_grid_makes_one_row_per_point(tmp_path, lr, mult, expected):
+    workdir = _workdir(tmp_path, evaluate__classify__runs=["cribo"], evaluate__classify__semi__lr=lr,
+                       evaluate__classify__semi__head_lr_mult=mult)
+    out = _snakemake(workdir, "-n", "-p")
+    assert out.returncode == 0, out.stderr
+    semi = {m for m in re.findall(r"/(semi-[A-Za-z0-9._-]+)\.json", out.stdout)}
+    assert len(semi) == expected, sorted(semi)
+    if expected == 9:
+        assert "semi-10percent-lr0.001-x100" in semi and "--lr 0.001 --head-lr-mult 100" in out.stdout
+    else:
+        assert semi == {"semi-10percent"}
 
 
 def test_run_config_typo_names_the_key_and_the_file(tmp_path):

@@ -1,7 +1,9 @@
 # ImageNet-style classification (ORL's linear and semi-supervised protocols) of every run, or of
 # evaluate.classify.runs, when evaluate.classify.enabled: one row for the linear probe on frozen
-# features, one per subset list for semi-supervised fine-tuning. On the toy, the classification view
-# of the toy scenes (one label per image) is linked into its own folder first.
+# features; for semi-supervised fine-tuning, one row per subset list and point of the
+# (lr, head_lr_mult) grid (the paper tables take the best point, see cribo.results.paper). On the
+# toy, the classification view of the toy scenes (one label per image) is linked into its own
+# folder first.
 
 
 rule toy_image_folder:
@@ -26,7 +28,7 @@ rule eval_classify:
     output:
         f"{RUN_DIR}/eval/classify/{CLASSIFY_ID}/{{mode}}.json",
     wildcard_constraints:
-        mode="linear|semi-[A-Za-z0-9._-]+",
+        mode="|".join(["linear", *map(re.escape, SEMI_MODES)]),
     log:
         f"logs/{{experiment}}/{{run_id}}/classify-{CLASSIFY_ID}-{{mode}}.log",
     benchmark:

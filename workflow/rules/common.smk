@@ -193,6 +193,19 @@ CLASSIFY_ID = (f"{CLASSIFY['dataset']}-{short_hash(CLASSIFY_ROOT, 6)}-{CLASSIFY[
                f"{short_hash({k: CLASSIFY[k] for k in ('batch_size', 'linear', 'semi')}, 6)}")
 
 
+def _grid_axis(value):
+    return [value] if isinstance(value, (int, float)) else list(value)
+
+
+# semi-supervised fine-tuning: one row per subset list and grid point (lr, head_lr_mult), as ORL's
+# official grid; a single point keeps the short name semi-<subset>
+_SEMI_GRID = [(lr, mult) for lr in _grid_axis(CLASSIFY["semi"]["lr"])
+              for mult in _grid_axis(CLASSIFY["semi"]["head_lr_mult"])]
+SEMI_MODES = {
+    (f"semi-{label}" if len(_SEMI_GRID) == 1 else f"semi-{label}-lr{lr:g}-x{mult:g}"): (label, lr, mult)
+    for label in CLASSIFY_SUBSETS for lr, mult in _SEMI_GRID}
+
+
 def classify_subset_arg(label):
     """What `cribo eval classify --subset-list` gets: the toy's own list, an official name or a file."""
     subset = CLASSIFY_SUBSETS[label]
@@ -213,7 +226,7 @@ def classify_rows():
         if "linear" in CLASSIFY["modes"]:
             rows.append(f"{base}/linear.json")
         if "semi" in CLASSIFY["modes"]:
-            rows += [f"{base}/semi-{label}.json" for label in CLASSIFY_SUBSETS]
+            rows += [f"{base}/{mode}.json" for mode in SEMI_MODES]
     return rows
 
 
@@ -289,10 +302,11 @@ def run_layout(wildcards):
 
 
 def classify_options(mode):
-    """`cribo eval classify` options of one row: ``linear`` or ``semi-<subset label>``."""
+    """`cribo eval classify` options of one row: ``linear``, or one of ``SEMI_MODES`` (subset list and grid point)."""
     if mode == "linear":
         c = CLASSIFY["linear"]
         return f"--mode linear --epochs {c['epochs']} --steps {' '.join(map(str, c['steps']))} --lr {c['lr']}"
     c = CLASSIFY["semi"]
-    return (f"--mode semi --subset-list {classify_subset_arg(mode.removeprefix('semi-'))} --epochs {c['epochs']} "
-            f"--steps {' '.join(map(str, c['steps']))} --lr {c['lr']} --head-lr-mult {c['head_lr_mult']}")
+    label, lr, mult = SEMI_MODES[mode]
+    return (f"--mode semi --subset-list {classify_subset_arg(label)} --epochs {c['epochs']} "
+            f"--steps {' '.join(map(str, c['steps']))} --lr {lr} --head-lr-mult {mult}")

@@ -170,8 +170,8 @@ def build_classify_table(rows: list[dict]) -> pd.DataFrame:
     frame = _protocol_frame(rows, ("classify_linear", "classify_semi"), columns)
     if frame.empty:
         return frame
-    table = frame[columns].sort_values(["experiment", "run_name", "dataset", "protocol", "subset"],
-                                       na_position="first").reset_index(drop=True)
+    table = frame[columns].sort_values(["experiment", "run_name", "dataset", "protocol", "subset", "lr",
+                                        "head_lr_mult"], na_position="first").reset_index(drop=True)
     return table.round({m: 2 for m in CLASSIFY_METRICS})
 
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from cribo.method.clustering import joint_view_clustering, object_vectors, position_cost, sinkhorn
+from cribo.method.clustering import (_nearest_member, _nearest_member_hard, joint_view_clustering, object_vectors,
+                                     pairwise_distances, position_cost, sinkhorn)
 
 
 def test_sinkhorn_matches_both_marginals():
@@ -78,3 +79,19 @@ def test_object_vectors_are_means_and_one_view_clusters_are_dropped():
     obj1, obj2, valid = object_vectors(t1, t2, a)
     assert valid.tolist() == [[True, False, False]]
     assert obj1.tolist() == [[2.0, 0.0]] and obj2.tolist() == [[0.0, 4.0]]
+
+
+def test_hard_assignment_cost_scatters_to_the_same_values_and_ties_fall_back():
+    g = torch.Generator().manual_seed(2)
+    positions = torch.randint(0, 6, (4, 12, 2), generator=g).float()  # repeated positions: distance 0 is skipped
+    hard = torch.nn.functional.one_hot(torch.randint(0, 5, (4, 12), generator=g), 5).float()
+    hard[:, :3] = 0  # tokens in no cluster (the seeds' one-hot of the first round)
+    hard[1, :, 4] = 0  # an empty cluster
+    dist = pairwise_distances(positions)
+    scattered = _nearest_member_hard(dist, hard)
+    assert torch.equal(scattered, _nearest_member(dist, hard, chunk=2))  # bit for bit
+    assert torch.isinf(scattered[1, :, 4]).all()
+    assert torch.allclose(position_cost(positions, hard), _official_position_cost(positions, hard))
+    tied = hard.clone()
+    tied[0, 5] = 1.0  # a token in every cluster (a tie of the hard assignment): the general path
+    assert torch.allclose(position_cost(positions, tied), _official_position_cost(positions, tied))

@@ -46,19 +46,43 @@ def position_cost(positions: torch.Tensor, assignment: torch.Tensor, chunk: int 
     Args:
         positions: ``B x T x 2`` original-image coordinates of the tokens.
         assignment: ``B x T x K`` cluster weights (one-hot for hard assignments).
-        chunk: clusters processed at once; the peak memory is ``B x T x T x chunk`` floats.
+        chunk: clusters processed at once for soft assignments; the peak memory is ``B x T x T x chunk``
+            floats (hard assignments take a scatter-min over ``B x T x T``).
     """
     dist = pairwise_distances(positions)  # B x T x T
-    b, t, k = assignment.shape
-    cost = torch.empty(b, t, k, dtype=dist.dtype, device=dist.device)
-    for start in range(0, k, chunk):
-        weighted = dist[..., None] * assignment[:, None, :, start:start + chunk]  # B x T(n) x T(m) x c
-        weighted = weighted.masked_fill(weighted <= 0, float("inf"))
-        nearest = weighted.amin(dim=2)
-        cost[..., start:start + chunk] = torch.where(torch.isinf(nearest), torch.zeros_like(nearest), nearest)
+    member = assignment > 0
+    if bool(((assignment == 0) | (assignment == 1)).all()) and int(member.sum(dim=-1).max()) <= 1:
+        nearest = _nearest_member_hard(dist, assignment)
+    else:
+        nearest = _nearest_member(dist, assignment, chunk)
+    cost = torch.where(torch.isinf(nearest), torch.zeros_like(nearest), nearest)
     mean = cost.mean(dim=(1, 2), keepdim=True).expand_as(cost)
     cost = torch.where(cost == 0, mean, cost)
     return cost / cost.amax(dim=(1, 2), keepdim=True)
+
+
+def _nearest_member(dist: torch.Tensor, assignment: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``min over m of D[b,n,m] * A[b,m,k]`` among the positive products (inf if none), ``B x T x K``."""
+    b, t, k = assignment.shape
+    nearest = torch.empty(b, t, k, dtype=dist.dtype, device=dist.device)
+    for start in range(0, k, chunk):
+        weighted = dist[..., None] * assignment[:, None, :, start:start + chunk]  # B x T(n) x T(m) x c
+        nearest[..., start:start + chunk] = weighted.masked_fill(weighted <= 0, float("inf")).amin(dim=2)
+    return nearest
+
+
+def _nearest_member_hard(dist: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
+    """:func:`_nearest_member` when every token weighs 1 in at most one cluster (hard assignments).
+
+    The products are then the distances themselves, so one scatter-min over the tokens ``m`` gives
+    every cluster's nearest member: ``B x T x T`` work instead of ``B x T x T x K``, the same values
+    (a minimum is exact).
+    """
+    b, t, k = assignment.shape
+    far = dist.masked_fill((dist <= 0) | ~(assignment > 0).any(dim=-1)[:, None, :], float("inf"))
+    index = assignment.argmax(dim=-1)[:, None, :].expand(-1, t, -1)  # B x T(n) x T(m): the cluster of m
+    nearest = torch.full((b, t, k), float("inf"), dtype=dist.dtype, device=dist.device)
+    return nearest.scatter_reduce_(2, index, far, "amin")
 
 
 def sinkhorn(cost: torch.Tensor, row_marginal: torch.Tensor, col_marginal: torch.Tensor, lam: float,

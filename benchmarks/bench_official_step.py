@@ -36,7 +36,7 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS))
 from bench_train_step import PRESETS, synthetic_views  # noqa: E402
-from official_on_toy import SingleProcessDDP, redirect_cuda_to_cpu  # noqa: E402
+from official_on_toy import SingleProcessDDP, official_teacher_and_clustering, redirect_cuda_to_cpu  # noqa: E402
 
 
 class TimedBatches:
@@ -111,12 +111,7 @@ def main() -> None:
     teacher = utils.MultiCropWrapperDINO(backbone(patch_size=16, img_size=[size]),
                                          DINOHead(embed, official.out_dim, official.out_dim_c, False),
                                          official.which_features)
-    teacher.load_state_dict(student.state_dict(), strict=False)
-    for p in teacher.parameters():
-        p.requires_grad = False
-    clustering = Clustering(official, n_tokens=official.n_tokens, n_heads=1,
-                            sinkhorn_lambda=official.sinkhorn_lambda, sinkhorn_iterations=official.sinkhorn_iterations,
-                            student_temp=official.student_temp, pos_alpha=official.pos_alpha)
+    clustering = official_teacher_and_clustering(student, teacher, Clustering, official)
     loss = CrIBoLoss(out_dim=official.out_dim, out_dim_c=official.out_dim_c, ncrops=2,
                      warmup_teacher_temp=official.warmup_teacher_temp,
                      warmup_teacher_temp_c=official.warmup_teacher_temp_c, teacher_temp=official.teacher_temp,

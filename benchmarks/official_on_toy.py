@@ -61,6 +61,16 @@ class SingleProcessDDP(nn.Module):
         return self.module(*a, **k)
 
 
+def official_teacher_and_clustering(student: nn.Module, teacher: nn.Module, clustering_class, official):
+    """The official ``main``'s set-up: the teacher starts as the student and is frozen; the clustering of its args."""
+    teacher.load_state_dict(student.state_dict(), strict=False)
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return clustering_class(official, n_tokens=official.n_tokens, n_heads=1, sinkhorn_lambda=official.sinkhorn_lambda,
+                            sinkhorn_iterations=official.sinkhorn_iterations, student_temp=official.student_temp,
+                            pos_alpha=official.pos_alpha)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--official", required=True, help="clone of the official CrIBo repository")
@@ -125,12 +135,7 @@ def main() -> None:
     student = utils.MultiCropWrapperDINO(vit(drop_path_rate=model["drop_path_rate"], is_teacher=False),
                                          head(norm_last_layer=dino["norm_last_layer"]), "last")
     teacher = utils.MultiCropWrapperDINO(vit(), head(), "last")
-    teacher.load_state_dict(student.state_dict(), strict=False)
-    for p in teacher.parameters():
-        p.requires_grad = False
-    clustering = Clustering(official, n_tokens=official.n_tokens, n_heads=1,
-                            sinkhorn_lambda=official.sinkhorn_lambda, sinkhorn_iterations=official.sinkhorn_iterations,
-                            student_temp=official.student_temp, pos_alpha=official.pos_alpha)
+    clustering = official_teacher_and_clustering(student, teacher, Clustering, official)
     loss = CrIBoLoss(out_dim=dino["out_dim"], out_dim_c=cribo_cfg["object_out_dim"], ncrops=2,
                      warmup_teacher_temp=dino["warmup_teacher_temp"], warmup_teacher_temp_c=dino["warmup_teacher_temp"],
                      teacher_temp=dino["teacher_temp"], teacher_temp_c=dino["teacher_temp"],

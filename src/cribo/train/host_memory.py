@@ -6,7 +6,8 @@ block above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and unmaps
 step pays the page faults and zeroing of those pages again: at those shapes this was a third of the
 step's wall time, most of it system time. ``mallopt(M_MMAP_MAX, 0)`` makes glibc carve large blocks
 from its heap, and a high ``M_TRIM_THRESHOLD`` keeps the freed top of the heap mapped, so the next
-step reuses warm pages. Peak RSS stays that of the largest step (measured: +3 % at issue 14's shapes).
+step reuses warm pages. Peak RSS stays close to that of the largest step (measured: +3 to +7 % at
+issue 14's shapes).
 
 PyTorch has no CPU caching allocator outside its mobile build, and jemalloc/tcmalloc would need a
 system library preloaded before Python starts; ``mallopt`` is glibc's own switch and can be flipped

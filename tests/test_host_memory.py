@@ -60,3 +60,21 @@ def test_kept_host_memory_serves_large_blocks_from_the_heap_and_keeps_them():
     assert mapped < 96 * 2**20  # no mapping of its own
     assert arena_during >= 96 * 2**20  # the heap grew by the block
     assert arena_after == arena_during  # and was not trimmed when it was freed
+
+
+@pytest.mark.parametrize("enabled, calls", [(True, 1), (False, 0)])
+def test_the_engine_keeps_freed_memory_on_cpu_when_configured(tmp_path, monkeypatch, enabled, calls):
+    from cribo.config import validate_run_config
+    from cribo.train import engine
+
+    seen = []
+    monkeypatch.setattr(engine, "keep_freed_host_memory", lambda: seen.append(True) or True)
+    # the untrained "random" method: the engine's set-up and a checkpoint, no data read
+    cfg = validate_run_config({"method": "random", "data": {"dataset": "voc", "root": str(tmp_path)},
+                               "model": {"arch": "vit_tiny", "patch_size": 8, "img_size": 32, "depth": 1,
+                                         "embed_dim": 32, "num_heads": 2},
+                               "train": {"device": "cpu", "progress": False, "threads": 1,
+                                         "keep_freed_host_memory": enabled}})
+    engine.train(cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoint.pth").is_file()
+    assert len(seen) == calls

@@ -89,8 +89,10 @@ def train(cfg: dict, output_dir: str | Path) -> Path:
     output_dir = Path(output_dir)
     check_resume_settings(output_dir / CHECKPOINT_NAME, cfg)  # before config.yaml is (over)written
     dist_info = init_distributed(cfg["train"]["device"])
-    if cfg["train"]["keep_freed_host_memory"]:
-        keep_freed_host_memory()  # before the first large tensor: the setting applies to later allocations
+    if cfg["train"]["keep_freed_host_memory"] and dist_info.device.type == "cpu":
+        # before the first large tensor (the setting applies to later allocations); on GPUs the large
+        # tensors live in CUDA's caching allocator, and host memory is left to glibc's defaults
+        keep_freed_host_memory()
     if cfg["train"]["threads"]:
         # train.threads is the job's budget: torchrun's processes on this node share it
         torch.set_num_threads(max(1, cfg["train"]["threads"] // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))

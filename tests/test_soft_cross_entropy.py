@@ -57,3 +57,15 @@ def test_no_target_gives_an_empty_result_and_a_zero_gradient():
     assert out.shape == (0,)
     (out.sum() + logits.sum() * 0).backward()
     assert logits.grad.abs().sum() == 0
+
+
+def test_in_place_softmax_gives_the_out_of_place_values():
+    # the CPU step writes (log-)softmaxes over their input; a torch whose row kernels stopped being safe in
+    # place would change the values
+    from cribo.method.soft_cross_entropy import softmax_in_place
+
+    x = torch.randn(7, 5000, generator=torch.Generator().manual_seed(0)) * 30
+    assert torch.equal(softmax_in_place(x.clone()), torch.softmax(x, dim=-1))
+    assert torch.equal(softmax_in_place(x.clone(), log=True), torch.log_softmax(x, dim=-1))
+    y = x.clone()
+    assert softmax_in_place(y).data_ptr() == y.data_ptr()  # no second buffer

@@ -39,7 +39,7 @@ from torch import nn
 
 from cribo.method.dtypes import at_least_fp32
 from cribo.method.dino import DINOLoss, dino_cross_entropy
-from cribo.method.soft_cross_entropy import soft_cross_entropy
+from cribo.method.soft_cross_entropy import soft_cross_entropy, softmax_in_place
 
 
 def teacher_probs(logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
@@ -220,7 +220,10 @@ def _centred_sharpened(logits: list[torch.Tensor], places: list[torch.Tensor], c
     for part, place in zip(logits, places):
         probs.index_copy_(0, place, at_least_fp32(part.detach()))
     probs.sub_(center).div_(temp)
-    return torch.softmax(probs, dim=-1, out=probs)  # row by row: one pass over memory, not four
+    if probs.device.type == "cpu":  # row by row: one pass over memory, not four (see softmax_in_place)
+        return softmax_in_place(probs)
+    probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()  # elementwise in place: no second buffer
+    return probs.div_(probs.sum(dim=-1, keepdim=True))
 
 
 def _stacked(views: tuple[torch.Tensor, torch.Tensor] | list[torch.Tensor] | torch.Tensor) -> torch.Tensor:

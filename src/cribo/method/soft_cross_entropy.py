@@ -35,15 +35,24 @@ def _blocks(rows: torch.Tensor, num_rows: int, chunk_rows: int):
             yield start, end, lo, hi, None if one_each else local
 
 
+def softmax_in_place(x: torch.Tensor, log: bool = False) -> torch.Tensor:
+    """(Log-)softmax over the last dimension written over ``x`` on CPU, where the row kernels were checked
+    to give the same values in place (one pass over memory instead of an extra buffer); elsewhere into a
+    new tensor, since in-place use of these kernels is not documented."""
+    op = torch.log_softmax if log else torch.softmax
+    if x.device.type == "cpu":
+        return op(x, dim=-1, out=x)
+    return op(x, dim=-1)
+
+
 class _SoftCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, temp: float,
                 chunk_rows: int) -> torch.Tensor:
         losses = logits.new_zeros(targets.shape[0])
         for start, end, lo, hi, local in _blocks(rows, logits.shape[0], chunk_rows):
-            # once per row, whatever its targets; the log-softmax overwrites the scaled copy (one buffer)
-            log_probs = torch.div(logits[start:end], temp)
-            torch.log_softmax(log_probs, dim=-1, out=log_probs)
+            # once per row, whatever its targets
+            log_probs = softmax_in_place(torch.div(logits[start:end], temp), log=True)
             if local is not None:
                 log_probs = log_probs.index_select(0, local)
             losses[lo:hi] = -(targets[lo:hi] * log_probs).sum(dim=-1)
@@ -64,8 +73,10 @@ class _SoftCrossEntropy(torch.autograd.Function):
         for start in range(0, logits.shape[0], chunk_rows):
             end = min(start + chunk_rows, logits.shape[0])
             block = grad[start:end]
-            torch.div(logits[start:end], temp, out=block)
-            torch.softmax(block, dim=-1, out=block)
+            if block.device.type == "cpu":
+                softmax_in_place(torch.div(logits[start:end], temp, out=block))
+            else:
+                torch.softmax(logits[start:end] / temp, dim=-1, out=block)
             block.mul_(weight[start:end, None])
             if start not in taught:  # rows without targets: weight 0, zero gradient
                 continue

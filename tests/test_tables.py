@@ -87,7 +87,7 @@ def _tables_from(rows: list[dict], run: str, tmp_path) -> dict:
     """Write ``rows`` (plus an in-context row of ``run``, which every table set needs) as JSON files, build
     the tables into ``tmp_path/tables`` and return the metrics."""
     out = tmp_path / "rows"
-    out.mkdir()
+    out.mkdir(parents=True)
     for i, r in enumerate([*rows, _row(run, 20.0, 0)]):
         (out / f"{i}.json").write_text(json.dumps(r))
     write_tables([out], tmp_path / "tables")
@@ -136,6 +136,13 @@ def test_classification_table_one_line_per_mode_and_subset(tmp_path):
     assert metrics["classify_top1"]["toy"]["orl"] == {"imagenet_linear": 59.0, "imagenet_semi_10percent": 55.12,
                                                       "imagenet_semi_1percent": 42.0}
     assert "| classify_semi | 1percent | 12811 |" in (tmp_path / "tables" / "classify.md").read_text()
+    # two grid points on the 1 % list: one metric each, named by the point (not one overwriting the other)
+    rows[2].update(lr=0.01, head_lr_mult=10)
+    rows.append(cls("classify_semi", "orl", 40.0, subset="1percent", train_images=12811, lr=0.1, head_lr_mult=1))
+    metrics = _tables_from(rows, "orl", tmp_path / "grid")
+    assert metrics["classify_top1"]["toy"]["orl"] == {
+        "imagenet_linear": 59.0, "imagenet_semi_10percent": 55.12, "imagenet_semi_1percent_lr0.01_x10": 42.0,
+        "imagenet_semi_1percent_lr0.1_x1": 40.0}
 
 
 def test_ablation_table_compares_each_setting_with_the_base():

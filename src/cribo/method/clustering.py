@@ -50,8 +50,7 @@ def position_cost(positions: torch.Tensor, assignment: torch.Tensor, chunk: int 
             floats (hard assignments take a scatter-min over ``B x T x T``).
     """
     dist = pairwise_distances(positions)  # B x T x T
-    member = assignment > 0
-    if bool(((assignment == 0) | (assignment == 1)).all()) and int(member.sum(dim=-1).max()) <= 1:
+    if bool(((assignment == 0) | (assignment == 1)).all()) and float(assignment.sum(dim=-1).max()) <= 1:
         nearest = _nearest_member_hard(dist, assignment)
     else:
         nearest = _nearest_member(dist, assignment, chunk)

@@ -249,6 +249,17 @@ def build_ablation_table(rows: list[dict], base: str) -> pd.DataFrame:
     return table.round({"base": 2, "ours": 2, "change": 2})
 
 
+def classify_metric_key(table: pd.DataFrame, r) -> str:
+    """``<dataset>_linear``, ``<dataset>_semi_<list>``, and ``..._lr<lr>_x<mult>`` when the list has several
+    grid points in ``table`` for that run (one key per point: they would overwrite each other)."""
+    if r.protocol == "classify_linear":
+        return f"{r.dataset}_linear"
+    key = f"{r.dataset}_semi_{r.subset}"
+    same = ((table.protocol == "classify_semi") & (table.experiment == r.experiment) & (table.run_name == r.run_name)
+            & (table.dataset == r.dataset) & (table.subset == r.subset))
+    return key + (f"_lr{r.lr:g}_x{r.head_lr_mult:g}" if int(same.sum()) > 1 else "")
+
+
 def _write_pair(out_dir: Path, name: str, table: pd.DataFrame) -> None:
     """``name.csv`` (for programs) and ``name.md`` (for people) of one table."""
     atomic_write_text(out_dir / f"{name}.csv", table.to_csv(index=False))
@@ -291,8 +302,7 @@ def write_tables(row_paths: list[str | Path], out_dir: str | Path, ablation_base
         f"{r.dataset}_{'full' if r.protocol == 'svm' else f'k{r.k}_{r.cost_selection}'}": r.map})
     classify = build_classify_table(rows)
     _write_pair(out_dir, "classify", classify)
-    _add_metrics(metrics, "classify_top1", classify, lambda r: {
-        f"{r.dataset}_{'linear' if r.protocol == 'classify_linear' else f'semi_{r.subset}'}": r.top1})
+    _add_metrics(metrics, "classify_top1", classify, lambda r: {classify_metric_key(classify, r): r.top1})
     detect = build_detect_table(rows)
     _write_pair(out_dir, "detect", detect)
     _add_metrics(metrics, "detect_ap", detect, lambda r: {f"{r.dataset}_box": r.AP_bb, f"{r.dataset}_mask": r.AP_mk})

@@ -11,7 +11,7 @@ crop size (``img_size=[S]``), so the official step does not pay for interpolatin
 step; that can only make the official step faster, so the ratio we quote is conservative.
 
 Nothing of the official repository is part of this project: ``--official`` points at a clone of it
-(``pip install einops``), imported from there.
+(``einops``, which it needs, comes with ``make install``), imported from there.
 
 Step times come from the loader: the time between two batches handed out is one whole step (forward, backward,
 AdamW, EMA and the official logging), the last one ends when ``train_one_epoch`` returns.

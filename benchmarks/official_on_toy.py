@@ -5,7 +5,7 @@ bank retrieval, cycle check, losses, EMA and schedules), fed the same toy views 
 where our CrIBo run ends, then what the toy tables show is the method at this budget, not our re-implementation.
 
 Nothing of the official repository is part of this project: point ``--official`` at a clone of
-https://github.com/arnaud-lebailly/CrIBo (``pip install einops``); it is imported from there. Its GPU calls are
+https://github.com/arnaud-lebailly/CrIBo (``einops``, which it needs, comes with ``make install``); it is imported from there. Its GPU calls are
 redirected to the CPU (``.cuda()`` is the identity, one gloo process stands in for DDP). The official code hard-codes
 its DINOHead width (2048 / 256); here the head is built with the toy's ``hidden_dim`` / ``bottleneck_dim`` so that
 both implementations train the same network. The views are ours (:class:`cribo.method.views.CrIBoViews`: the

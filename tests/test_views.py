@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision.transforms import v2 as T
 
-from cribo.method.views import (IMAGENET_MEAN, IMAGENET_STD, CrIBoViews, DINOViews, blur_kernel_size, eval_transform,
-                                patch_positions)
+from cribo.method.views import (IMAGENET_MEAN, IMAGENET_STD, CrIBoViews, DINOViews, PILGaussianBlur, blur_kernel_size,
+                                eval_transform, patch_positions)
 
 
 def _noise(width=64, height=48, seed=0):
@@ -90,16 +90,39 @@ def test_the_recipe_follows_dino():
     views = DINOViews(global_size=96, local_size=48, num_local_crops=1)
     common = [("RandomResizedCrop", 1.0), ("RandomHorizontalFlip", 0.5), ("ColorJitter", 0.8), ("RandomGrayscale", 0.2)]
     tail = [("ToImage", 1.0), ("ToDtype", 1.0), ("Normalize", 1.0)]
-    assert _spec(views.global_1) == common + [("GaussianBlur", 1.0)] + tail
-    assert _spec(views.global_2) == common + [("GaussianBlur", 0.1), ("RandomSolarize", 0.2)] + tail
-    assert _spec(views.local) == common + [("GaussianBlur", 0.5)] + tail
+    assert _spec(views.global_1) == common + [("PILGaussianBlur", 1.0)] + tail
+    assert _spec(views.global_2) == common + [("PILGaussianBlur", 0.1), ("RandomSolarize", 0.2)] + tail
+    assert _spec(views.local) == common + [("PILGaussianBlur", 0.5)] + tail
     jitter = views.global_1.transforms[2].transforms[0]
     assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2),
                                                                                    (-0.1, 0.1))
     blur = views.global_1.transforms[4].transforms[0]
     assert list(blur.sigma) == [0.1, 2.0] and list(blur.kernel_size) == [9, 9]
-    # odd kernels of about a tenth of the crop
+    # odd kernels of about a tenth of the crop (the tensor path's)
     assert [blur_kernel_size(s) for s in (224, 96, 48, 16)] == [23, 9, 5, 3]
+
+
+def test_blur_is_pils_gaussian_with_the_drawn_radius():
+    blur = PILGaussianBlur(9, sigma=(0.1, 2.0))
+    torch.manual_seed(3)
+    sigma = torch.empty(1).uniform_(0.1, 2.0).item()  # the draw the transform makes under the same seed
+    image = _noise()
+    torch.manual_seed(3)
+    out = blur(image)
+    assert isinstance(out, Image.Image)
+    assert np.array_equal(np.asarray(out), np.asarray(image.filter(ImageFilter.GaussianBlur(radius=sigma))))
+    # a radius is a standard deviation: an impulse spreads into a bump of variance sigma^2 per axis
+    impulse = np.zeros((41, 41), dtype=np.uint8)
+    impulse[20, 20] = 255
+    bump = np.asarray(blur.transform(Image.fromarray(impulse).convert("RGB"), {"sigma": [1.5, 1.5]}))[..., 0]
+    weights = bump.astype(np.float64) / bump.sum()
+    offsets = np.arange(41) - 20
+    assert weights.sum(0) @ offsets ** 2 == pytest.approx(1.5 ** 2, rel=0.15)
+    assert weights.sum(1) @ offsets == pytest.approx(0.0, abs=0.05)
+    # uint8 tensors keep torchvision's kernel
+    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+    torch.manual_seed(3)
+    assert torch.equal(blur(tensor), T.functional.gaussian_blur(tensor, [9, 9], [sigma, sigma]))
 
 
 def test_crop_position_maps_follow_the_crop_and_the_flip():

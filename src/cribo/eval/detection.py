@@ -7,9 +7,10 @@ absence of PreciseBN), with our ResNet-50 loaded into ``backbone.body`` (the tor
 layout: ``conv1``, ``bn1``, ``layer1``-``layer4``). The 1x schedule: 90k iterations at batch 16,
 SGD lr 0.02 (momentum 0.9, weight decay 1e-4), divided by 10 at 60k and 80k, after a linear
 warm-up over 1000 iterations from lr / 1000 (detectron2's default); multi-scale training with the
-short side drawn from 640-800 (step 32), tested at 800. The recipe's SyncBN and multi-process
-training are not wired yet: the detector trains in one process on one device. Box and mask AP (AP, AP50, AP75) come from pycocotools'
-``COCOeval`` on the validation annotations.
+short side drawn from 640-800 (step 32), tested at 800. Several processes (``cribo eval detect
+--nproc-per-node N``: torchrun, or srun tasks) each take a slice of every global batch under
+DistributedDataParallel, with SyncBN on GPUs (``cribo.cli``). Box and mask AP (AP, AP50, AP75) come
+from pycocotools' ``COCOeval`` on the validation annotations.
 
 Data: any COCO-format instance file (``images``, ``annotations`` with polygon or RLE
 ``segmentation``, ``categories``); crowd annotations are left out of training. The toy scenes

@@ -90,6 +90,25 @@ def test_detector_loads_our_resnet50_and_its_loss_is_finite_on_a_toy_batch(tmp_p
     assert all(torch.isfinite(v) for v in losses.values())
 
 
+def test_sampling_sizes_reach_torchvisions_detector_and_default_to_its_own():
+    from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
+
+    def sizes(model):
+        rpn, roi = model.rpn, model.roi_heads
+        return (rpn.fg_bg_sampler.batch_size_per_image, roi.fg_bg_sampler.batch_size_per_image,
+                rpn._pre_nms_top_n, rpn._post_nms_top_n)
+
+    # the defaults are the 1x recipe's, which are torchvision's own
+    reference = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=2)
+    assert sizes(detection.build_detector(1, None, **detection.sampling_kwargs())) == sizes(reference) == (
+        256, 512, {"training": 2000, "testing": 1000}, {"training": 2000, "testing": 1000})
+    assert detection.sampling_kwargs(**detection.SAMPLING_1X) == detection.sampling_kwargs()
+    toy = detection.build_detector(1, None, **detection.sampling_kwargs(64, 32, 100, 50))
+    assert sizes(toy) == (64, 32, {"training": 100, "testing": 50}, {"training": 100, "testing": 50})
+    with pytest.raises(ValueError, match="roi_batch_per_image must be at least 1, got 0"):
+        detection.sampling_kwargs(roi_batch_per_image=0)
+
+
 def test_a_checkpoint_without_a_resnet50_is_refused(tmp_path):
     from cribo.config import validate_run_config
     from cribo.models.backbones import build_resnet, build_vit
@@ -206,6 +225,7 @@ def test_two_processes_train_one_detector_and_rank_zero_writes_the_row(tmp_path)
                            "--train-ann", str(ann), "--val-ann", str(ann), "--train-images", str(tmp_path),
                            "--val-images", str(tmp_path), "--iterations", "2", "--batch-size", "2", "--steps",
                            "--warmup", "0", "--min-size", "64", "--test-size", "64", "--max-size", "128",
+                           "--roi-batch-per-image", "8", "--proposals-train", "16", "--proposals-test", "16",
                            "--device", "cpu", "--nproc-per-node", "2", "--no-progress", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -213,5 +233,7 @@ def test_two_processes_train_one_detector_and_rank_zero_writes_the_row(tmp_path)
     row = json.loads(out.read_text())
     # CPU processes: DDP without SyncBN (torch has no CPU SyncBN), recorded in the row
     assert row["world_size"] == 2 and row["sync_bn"] is False and row["iterations"] == 2
+    assert (row["roi_batch_per_image"], row["rpn_batch_per_image"], row["proposals_train"], row["proposals_test"]) \
+        == (8, 256, 16, 16)
     assert np.isfinite(row["loss"]) and done.stdout.count("detection: box AP") == 1
     assert torch.load(tmp_path / "row.json.state.pth", weights_only=True)["iteration"] == 2

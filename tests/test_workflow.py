@@ -64,19 +64,24 @@ def test_dry_run_plans_every_stage_even_with_committed_tables(tmp_path):
 
 def test_orl_protocols_overlay_adds_only_their_rules_to_the_embedded_default(tmp_path):
     # config/toy_orl_protocols.yaml on top of config/config.yaml (not ci.yaml): SVM and classification for
-    # the six runs it names, nothing for pixels or the ablation, and no detection (no ResNet-50 on the toy)
+    # the six runs it names, nothing for pixels or the ablation, and detection for the random ResNet-50
+    # baseline it adds (which the dense protocols also take: 9 in-context jobs for 8 runs + 1 baseline)
     workdir = _workdir(tmp_path)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    out = subprocess.run([str(BIN / "snakemake"), "-n", "--configfile", "config/config.yaml",
+    out = subprocess.run([str(BIN / "snakemake"), "-n", "-p", "--configfile", "config/config.yaml",
                           "config/toy_orl_protocols.yaml"], cwd=workdir, env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr
     lines = (out.stdout + out.stderr).splitlines()
     # 6 runs x 2 splits; 6 x (1 full SVM + K = 4 x 2 cost selections); 6 x (linear + one semi point)
     for rule, count in (("extract_global", 12), ("eval_svm", 6), ("eval_svm_lowshot", 12), ("toy_image_folder", 1),
-                        ("eval_classify", 12), ("pretrain", 8), ("eval_incontext", 8)):
+                        ("eval_classify", 12), ("pretrain", 8), ("eval_incontext", 9), ("init_weights", 1),
+                        ("import_baseline", 1), ("eval_detect", 1)):
         assert any(line.split() == [rule, str(count)] for line in lines), (rule, lines[-60:])
-    assert not any(line.split()[:1] == ["eval_detect"] for line in lines)
+    detect = next(line for line in lines if "cribo eval detect " in line)
+    for flag in ("--iterations 300 ", "--roi-batch-per-image 32 ", "--rpn-batch-per-image 64 ",
+                 "--proposals-train 100 ", "--proposals-test 100 ", "--run-name random_r50 "):
+        assert flag in detect, (flag, detect)
 
 
 def test_workflow_config_typo_names_the_key(tmp_path):

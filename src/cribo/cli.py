@@ -346,6 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="training short sides, one drawn per batch (default 640-800 step 32)")
     de.add_argument("--test-size", type=int, default=800, help="test short side (default 800)")
     de.add_argument("--max-size", type=int, default=1333, help="long-side cap (default 1333)")
+    de.add_argument("--rpn-batch-per-image", type=positive_int, default=256,
+                    help="anchors sampled per image for the RPN losses (default 256)")
+    de.add_argument("--roi-batch-per-image", type=positive_int, default=512,
+                    help="proposals sampled per image for the box and mask heads' losses (default 512)")
+    de.add_argument("--proposals-train", type=positive_int, default=2000,
+                    help="RPN proposals kept per image in training, before NMS (per FPN level) and after (default 2000)")
+    de.add_argument("--proposals-test", type=positive_int, default=1000,
+                    help="the same at test (default 1000); the toy's 64 px scenes need far fewer than COCO")
     de.add_argument("--seed", type=int, default=0, help="seed of the heads, data order and scales (default 0)")
     de.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     de.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
@@ -712,8 +720,11 @@ def cmd_detect(args) -> None:
         raise ValueError(f"{args.train_ann} and {args.val_ann} have different categories")
     info = init_distributed(args.device)
     torch.manual_seed(args.seed)  # the heads' initialisation (the same in every process)
+    sampling = {"rpn_batch_per_image": args.rpn_batch_per_image, "roi_batch_per_image": args.roi_batch_per_image,
+                "proposals_train": args.proposals_train, "proposals_test": args.proposals_test}
     model = detection.build_detector(len(train.category_ids), state, min_size=tuple(args.min_size),
-                                     test_size=args.test_size, max_size=args.max_size)
+                                     test_size=args.test_size, max_size=args.max_size,
+                                     **detection.sampling_kwargs(**sampling))
     detector, device = model, info.device
     if info.world_size > 1:
         # SyncBN needs GPUs (torch refuses it on CPU): CPU processes keep per-process batch statistics
@@ -734,7 +745,7 @@ def cmd_detect(args) -> None:
     metrics = detection.evaluate_detector(detector, val, device, progress=not args.no_progress)
     result = {**metrics, **trained, "batch_size": args.batch_size, "lr": args.lr, "steps": args.steps,
               "warmup": args.warmup, "min_size": args.min_size, "test_size": args.test_size, "seed": args.seed,
-              "detector": "maskrcnn_resnet50_fpn_v2", "image_size": args.test_size, "device": str(device),
+              **sampling, "detector": "maskrcnn_resnet50_fpn_v2", "image_size": args.test_size, "device": str(device),
               "world_size": info.world_size,
               "sync_bn": info.world_size > 1 and device.type == "cuda"}
     row = make_row("detect", result, checkpoint=args.checkpoint, checkpoint_sha256=file_sha256(args.checkpoint),

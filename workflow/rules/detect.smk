@@ -41,5 +41,7 @@ rule eval_detect:
         "--val-images {DETECT_FILES[val_images]} --iterations {DETECT[iterations]} "
         "--batch-size {DETECT[batch_size]} --lr {DETECT[lr]} --steps {params.steps} --warmup {DETECT[warmup]} "
         "--min-size {params.sizes} --test-size {DETECT[test_size]} --max-size {DETECT[max_size]} "
+        "--rpn-batch-per-image {DETECT[rpn_batch_per_image]} --roi-batch-per-image {DETECT[roi_batch_per_image]} "
+        "--proposals-train {DETECT[proposals_train]} --proposals-test {DETECT[proposals_test]} "
         "--nproc-per-node {resources.gpu} --experiment {wildcards.experiment} --run-name {params.name} "
         "--out {output} --no-progress > {log} 2>&1"

@@ -30,10 +30,32 @@ from torch import nn
 from tqdm import tqdm
 
 SHORT_SIDES_1X = tuple(range(640, 801, 32))  # 640, 672, ..., 800
+# torchvision's (and the 1x recipe's) sampling sizes: RPN anchors and RoI-head proposals sampled per
+# image for the losses, proposals kept per image (before NMS per FPN level, and after NMS) in training
+# and at test
+SAMPLING_1X = {"rpn_batch_per_image": 256, "roi_batch_per_image": 512, "proposals_train": 2000,
+               "proposals_test": 1000}
 
 
 class DetectionDataError(ValueError):
     pass
+
+
+def sampling_kwargs(rpn_batch_per_image: int = 256, roi_batch_per_image: int = 512, proposals_train: int = 2000,
+                    proposals_test: int = 1000) -> dict:
+    """torchvision's builder arguments for the detector's sampling sizes (defaults: ``SAMPLING_1X``).
+
+    The toy scenes (64 px, 2-3 objects) need far fewer: at the 1x sizes an iteration samples 512
+    RoIs per image through the 4conv1fc box head, most of the ~6 s a CPU iteration takes at 64 px,
+    and the test pass runs the box head on 1,000 proposals per image. ``proposals_*`` sets both
+    the pre-NMS (per level) and the post-NMS count, which the 1x recipe keeps equal."""
+    for name, value in (("rpn_batch_per_image", rpn_batch_per_image), ("roi_batch_per_image", roi_batch_per_image),
+                        ("proposals_train", proposals_train), ("proposals_test", proposals_test)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    return {"rpn_batch_size_per_image": rpn_batch_per_image, "box_batch_size_per_image": roi_batch_per_image,
+            "rpn_pre_nms_top_n_train": proposals_train, "rpn_post_nms_top_n_train": proposals_train,
+            "rpn_pre_nms_top_n_test": proposals_test, "rpn_post_nms_top_n_test": proposals_test}
 
 
 def build_detector(num_classes: int, backbone_state: dict | None = None, *, min_size=SHORT_SIDES_1X,

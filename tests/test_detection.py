@@ -102,7 +102,6 @@ def test_sampling_sizes_reach_torchvisions_detector_and_default_to_its_own():
     reference = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=2)
     assert sizes(detection.build_detector(1, None, **detection.sampling_kwargs())) == sizes(reference) == (
         256, 512, {"training": 2000, "testing": 1000}, {"training": 2000, "testing": 1000})
-    assert detection.sampling_kwargs(**detection.SAMPLING_1X) == detection.sampling_kwargs()
     toy = detection.build_detector(1, None, **detection.sampling_kwargs(64, 32, 100, 50))
     assert sizes(toy) == (64, 32, {"training": 100, "testing": 50}, {"training": 100, "testing": 50})
     with pytest.raises(ValueError, match="roi_batch_per_image must be at least 1, got 0"):

@@ -30,11 +30,6 @@ from torch import nn
 from tqdm import tqdm
 
 SHORT_SIDES_1X = tuple(range(640, 801, 32))  # 640, 672, ..., 800
-# torchvision's (and the 1x recipe's) sampling sizes: RPN anchors and RoI-head proposals sampled per
-# image for the losses, proposals kept per image (before NMS per FPN level, and after NMS) in training
-# and at test
-SAMPLING_1X = {"rpn_batch_per_image": 256, "roi_batch_per_image": 512, "proposals_train": 2000,
-               "proposals_test": 1000}
 
 
 class DetectionDataError(ValueError):
@@ -43,7 +38,9 @@ class DetectionDataError(ValueError):
 
 def sampling_kwargs(rpn_batch_per_image: int = 256, roi_batch_per_image: int = 512, proposals_train: int = 2000,
                     proposals_test: int = 1000) -> dict:
-    """torchvision's builder arguments for the detector's sampling sizes (defaults: ``SAMPLING_1X``).
+    """torchvision's builder arguments for the detector's sampling sizes: anchors sampled per image for
+    the RPN losses, RoI-head proposals sampled per image for the box and mask losses, and proposals
+    kept per image in training and at test. The defaults are the 1x recipe's, which are torchvision's.
 
     The toy scenes (64 px, 2-3 objects) need far fewer: at the 1x sizes an iteration samples 512
     RoIs per image through the 4conv1fc box head, most of the ~6 s a CPU iteration takes at 64 px,

@@ -164,7 +164,7 @@ def main() -> None:
     clock = PhaseClock()
     for net in (student, teacher):
         clock.wrap(net.backbone, "forward_features", "backbone")
-        for name in ("forward", "forward_objects", "forward_all_objects"):
+        for name in ("forward", "forward_objects", "forward_pair"):
             clock.wrap(net.head, name, "heads")
     clock.wrap(cribo_module, "joint_view_clustering", "clustering")
     clock.wrap(bank, "retrieve", "bank")
@@ -196,9 +196,13 @@ def main() -> None:
         cancel_last_layer_gradients(student, args.epoch, 1)
         with clock.phase("optimizer"):
             optimizer.step()
-        with clock.phase("ema"), torch.no_grad():
-            for p_s, p_t in zip(student.parameters(), teacher.parameters()):
-                p_t.mul_(momentum).add_(p_s.detach(), alpha=1 - momentum)
+        with clock.phase("ema"):
+            if hasattr(engine, "update_teacher"):  # the engine's EMA
+                engine.update_teacher(zip(student.parameters(), teacher.parameters()), momentum)
+            else:
+                with torch.no_grad():
+                    for p_s, p_t in zip(student.parameters(), teacher.parameters()):
+                        p_t.mul_(momentum).add_(p_s.detach(), alpha=1 - momentum)
         if i >= args.warmup:
             step_seconds.append(time.perf_counter() - start)
             cpu_seconds.append(time.process_time() - cpu_start)

@@ -21,6 +21,30 @@ def test_output_shapes_and_object_layer():
         _tiny().forward_objects(x)
 
 
+def test_one_mlp_pass_for_images_and_objects_equals_two_passes_values_and_gradients():
+    torch.set_default_dtype(torch.float64)  # so that only the algebra is compared, not the order of float sums
+    try:
+        head = _tiny(object_out_dim=6, norm_last_layer=False)
+        images, objects = torch.randn(3, 16), torch.randn(5, 16)
+        pair = head.forward_pair(images, objects)
+        separate = (head(images), head.forward_objects(objects))
+        weights = (torch.randn(3, 10), torch.randn(5, 6))  # a loss that weighs every logit differently
+        grads = []
+        for cls_logits, obj_logits in (pair, separate):
+            head.zero_grad(set_to_none=True)
+            ((cls_logits * weights[0]).sum() + (obj_logits * weights[1]).sum()).backward()
+            grads.append({name: p.grad.clone() for name, p in head.named_parameters()})
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert pair[0].shape == (3, 10) and pair[1].shape == (5, 6)
+    assert torch.allclose(pair[0], separate[0], atol=1e-12) and torch.allclose(pair[1], separate[1], atol=1e-12)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 10  # 3 Linear (w, b), 2 last layers (g, v)
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-12), name
+    with pytest.raises(RuntimeError, match="object"):
+        _tiny().forward_pair(images.float(), objects.float())
+
+
 def test_state_dict_keys_follow_the_official_layout():
     head = _tiny(object_out_dim=6)
     p = "parametrizations.weight.original"

@@ -1,11 +1,11 @@
 """One CrIBo training step, composed from the pieces (views, clustering, bank, losses).
 
-Teacher (no gradient): both views through the backbone -> [CLS] logits and patch tokens; the
-tokens of both views are clustered jointly into objects; object vectors (means of un-normalised
-tokens) go through the object head; their bank neighbours are retrieved (before this batch is
-enqueued) and go through the *current* teacher head. Student: the same views, the teacher's
-assignment applied to its own tokens, the same heads. Then the three losses of
-:class:`cribo.method.losses.CrIBoLoss`.
+Teacher (no gradient): both views through the backbone -> [CLS] and patch tokens; the tokens of
+both views are clustered jointly into objects; object vectors (means of un-normalised tokens) and
+their bank neighbours (retrieved before this batch is enqueued) go through the *current* teacher
+head, together with the [CLS] tokens (one MLP pass, then each last layer). Student: the same
+views, the teacher's assignment applied to its own tokens, the same heads. Then the three losses
+of :class:`cribo.method.losses.CrIBoLoss`.
 """
 
 from __future__ import annotations
@@ -51,16 +51,21 @@ class ObjectNet(nn.Module):
 
     def forward(self, images: torch.Tensor, assignment: torch.Tensor | None = None):
         tokens = self.backbone.forward_features(images)  # 2B x (P + N) x D, after the final norm
-        prefix = self.backbone.num_prefix_tokens
-        cls_logits = self.head(tokens[:, 0])
-        patches = tokens[:, prefix:]
+        patches = tokens[:, self.backbone.num_prefix_tokens:]
         if assignment is None:
-            return cls_logits, patches, None
-        b = images.shape[0] // 2
-        with torch.autocast(images.device.type, enabled=False):  # object means in fp32, as officially
+            return self.head(tokens[:, 0]), patches, None
+        obj = self.object_rows(patches, assignment)
+        # [CLS] and object rows through the shared MLP in one pass; each last layer's weight is normalised once
+        cls_logits, obj_logits = self.head.forward_pair(tokens[:, 0], obj)
+        return cls_logits, patches, obj_logits
+
+    @staticmethod
+    def object_rows(patches: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
+        """``2B x N x D`` tokens (views stacked), ``B x 2N x K`` assignment -> ``2M x D`` object means, view 1 first."""
+        b = patches.shape[0] // 2
+        with torch.autocast(patches.device.type, enabled=False):  # object means in fp32, as officially
             obj1, obj2, _ = object_vectors(at_least_fp32(patches[:b]), at_least_fp32(patches[b:]), assignment)
-        # both views' objects in one pass: the object last layer's weight is normalised once per step
-        return cls_logits, patches, self.head.forward_objects(torch.cat([obj1, obj2]))
+        return torch.cat([obj1, obj2])
 
 
 def cribo_step(student: nn.Module, teacher: ObjectNet, loss_fn: CrIBoLoss, bank: ObjectMemoryBank | None,
@@ -82,8 +87,8 @@ def cribo_step(student: nn.Module, teacher: ObjectNet, loss_fn: CrIBoLoss, bank:
     patch = teacher.backbone.patch_embed.patch_size[0]
     with torch.no_grad():
         with amp():
-            t_cls, t_tokens, _ = teacher(images)
-        t_cls = at_least_fp32(t_cls)
+            t_features = teacher.backbone.forward_features(images)
+        t_tokens = t_features[:, teacher.backbone.num_prefix_tokens:]
         t1, t2 = at_least_fp32(t_tokens[:b]), at_least_fp32(t_tokens[b:])
         pos = torch.cat([patch_positions(p.to(t1.dtype), patch) for p in positions], dim=1)  # B x 2N x 2
         assignment = joint_view_clustering(
@@ -104,9 +109,9 @@ def cribo_step(student: nn.Module, teacher: ObjectNet, loss_fn: CrIBoLoss, bank:
                 # only the neighbours that pass the cycle check get a loss: the others skip the head
                 head_rows += [found.nn_view1[0][cycle[0]], found.nn_view2[1][cycle[1]]]
             bank.enqueue(gather(obj1), gather(obj2), gather(valid.sum(dim=1)))
-        with amp():  # objects and neighbours in one pass through the teacher's object head
-            t_all = teacher.head.forward_objects(torch.cat(head_rows))
-            t_all = at_least_fp32(t_all)
+        with amp():  # [CLS], objects and neighbours in one pass through the teacher's head
+            t_cls, t_all = teacher.head.forward_pair(t_features[:, 0], torch.cat(head_rows))
+        t_cls, t_all = at_least_fp32(t_cls), at_least_fp32(t_all)
         t_obj = (t_all[:m], t_all[m:2 * m])
         neighbours = None
         if len(head_rows) > 2:

@@ -30,6 +30,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,6 +231,18 @@ class MetricsLogger:
     def close(self) -> None:
         if self.live is not None:
             self.live.end()
+
+
+@torch.no_grad()
+def update_teacher(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], momentum: float) -> None:
+    """EMA of the teacher: ``t <- m * t + (1 - m) * s`` for every ``(student s, teacher t)`` parameter pair.
+
+    One fused pass per tensor (``torch._foreach_lerp_``, ``t + (1 - m) * (s - t)``) instead of a
+    multiply pass and an add pass; the two orders of operations agree to float rounding.
+    """
+    pairs = list(pairs)
+    if pairs:
+        torch._foreach_lerp_([t for _, t in pairs], [s.detach() for s, _ in pairs], 1.0 - float(momentum))
 
 
 def build_optimizer(cfg: dict, param_groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
@@ -457,10 +470,7 @@ def train_one_epoch(method: Method, online: nn.Module, loader, optimizer, scaler
         scaler.step(optimizer)
         scaler.update()
 
-        with torch.no_grad():  # EMA teacher, after the optimizer step
-            m = schedules.momentum[it]
-            for p_s, p_t in method.ema_pairs():
-                p_t.mul_(m).add_(p_s.detach(), alpha=1 - m)
+        update_teacher(method.ema_pairs(), schedules.momentum[it])  # after the optimizer step
 
         values = {k: (v.item() if torch.is_tensor(v) else v) for k, v in out.items()}
         for key, value in values.items():

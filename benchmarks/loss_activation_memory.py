@@ -12,7 +12,10 @@ are the same before and after). Shapes of the released ViT-S/16 COCO run (``vits
 
 "before" is the step as first written (and, but for the neighbour rows, the official one: its
 teacher head also runs on the view-2 twins of both neighbour sets, ``4M`` rows instead of ``2M``);
-"after" is the current step. Each line lists ``(what, rows, bytes per value)``.
+"first pass" is the step after issue 14's first changes (one head pass, the teacher's logits copied
+into one target buffer); "now" is the current step, whose teacher head takes its rows in the order
+the cross-entropies read them, so its fp32 logits become the targets in place.
+Each line lists ``(what, rows, bytes per value)``.
 
 Usage: python benchmarks/loss_activation_memory.py [--batch 32 --objects-per-image 64 --cycle 1.0]
 """
@@ -44,12 +47,24 @@ def before(b: int, m: int, n1: int, n2: int) -> list[tuple[str, int, int]]:
     ]
 
 
-def after(b: int, m: int, n1: int, n2: int) -> list[tuple[str, int, int]]:
+def first_pass(b: int, m: int, n1: int, n2: int) -> list[tuple[str, int, int]]:
     return [
         ("teacher [CLS] logits, fp32 copy", 2 * b, FP32),
         ("teacher object + consistent-neighbour logits, one pass, fp32 copy", 2 * m + n1 + n2, FP32),
         ("[CLS] targets, both views in one buffer (saved)", 2 * b, FP32),
         ("object targets: other view + consistent neighbours, one buffer (saved)", 2 * m + n1 + n2, FP32),
+        ("student [CLS] logits, fp16 head output", 2 * b, FP16),
+        ("student [CLS] logits, fp32 copy (saved)", 2 * b, FP32),
+        ("student object logits, both views in one pass, fp16 head output", 2 * m, FP16),
+        ("student object logits, fp32 copy (saved)", 2 * m, FP32),
+        ("one block of log-softmax (64 rows), transient", 64, FP32),
+    ]
+
+
+def now(b: int, m: int, n1: int, n2: int) -> list[tuple[str, int, int]]:
+    return [
+        ("teacher [CLS] logits' fp32 copy, sharpened in place into the targets (saved)", 2 * b, FP32),
+        ("teacher object + consistent-neighbour logits' fp32 copy, the same (saved)", 2 * m + n1 + n2, FP32),
         ("student [CLS] logits, fp16 head output", 2 * b, FP16),
         ("student [CLS] logits, fp32 copy (saved)", 2 * b, FP32),
         ("student object logits, both views in one pass, fp16 head output", 2 * m, FP16),
@@ -72,7 +87,8 @@ def main() -> None:
     b, m = args.batch, args.batch * args.objects_per_image
     n = round(args.cycle * m)
     print(f"B = {b} images/GPU, M = {m} objects/view, n1 = n2 = {n} consistent neighbours, D = {args.width}")
-    for name, rows in (("before", before(b, m, n, n)), ("after", after(b, m, n, n))):
+    for name, rows in (("before", before(b, m, n, n)), ("first pass", first_pass(b, m, n, n)),
+                       ("now", now(b, m, n, n))):
         print(f"\n{name}: {total_bytes(rows, args.width) / 2**30:.2f} GiB")
         for what, count, nbytes in rows:
             print(f"  {count * nbytes * args.width / 2**20:9.0f} MiB  {count:6d} rows x {nbytes} B  {what}")

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from cribo.method.losses import CrIBoLoss, cross_image_object_loss, cross_view_object_loss, teacher_probs
+from cribo.method.losses import (CrIBoLoss, ObjectTargets, cross_image_object_loss, cross_view_object_loss,
+                                 teacher_probs)
 
 
 def _h(p, logits, temp):
@@ -114,3 +115,53 @@ def test_a_batch_without_objects_leaves_only_the_global_term(selected):
     out["loss"].backward()
     assert student_cls[0].grad.abs().sum() > 0
     assert loss.center_obj.tolist() == [[0.25, 0.25]]
+
+
+def test_object_targets_sort_the_natural_order_by_student_row():
+    # M = 3; neighbours of view-1 objects 0 and 2 (teach view-2 rows 3 and 5), of view-2 object 1 (teaches row 1)
+    cycle = (torch.tensor([True, False, True]), torch.tensor([False, True, False]))
+    targets = ObjectTargets.build(3, cycle)
+    # natural order: t2 -> rows 0 1 2, t1 -> rows 3 4 5, nn1 -> rows 3 5, nn2 -> row 1
+    assert targets.rows.tolist() == [0, 1, 1, 2, 3, 3, 4, 5, 5]
+    assert targets.order.tolist() == [0, 1, 8, 2, 3, 6, 4, 5, 7]
+    assert targets.place[targets.order].tolist() == list(range(9))
+    assert targets.is_object.tolist() == [True, True, False, True, True, False, True, True, False]
+    assert targets.neighbours_of_view1 == 2
+    none = ObjectTargets.build(2, None)
+    assert none.rows.tolist() == [0, 1, 2, 3] and none.neighbours is None and none.neighbours_of_view1 == 0
+
+
+@pytest.mark.parametrize("k,norm,epoch", [(1, "first_direction", 1), (2, "per_direction", 1), (1, "first_direction", 0)])
+def test_forward_sorted_equals_forward_values_gradients_and_centres(k, norm, epoch):
+    torch.set_default_dtype(torch.float64)  # compares the algebra, not the order of float sums
+    try:
+        g = torch.Generator().manual_seed(k)
+        b, m, width, width_obj = 2, 4, 6, 5
+        s_cls, s_obj = torch.randn(2 * b, width, generator=g), torch.randn(2 * m, width_obj, generator=g)
+        t_cls, t_obj = torch.randn(2 * b, width, generator=g), torch.randn(2 * m, width_obj, generator=g)
+        cycle = tuple(torch.rand(m, k, generator=g) > 0.4 for _ in range(2))
+        nn1, nn2 = (torch.randn(int(c.sum()), width_obj, generator=g) for c in cycle)
+        losses, results = [], []
+        for sorted_path in (False, True):
+            loss = CrIBoLoss(width, width_obj, [0.04, 0.05], cross_image_norm=norm)
+            loss.global_loss.center.copy_(torch.linspace(-0.1, 0.1, width)[None])
+            loss.center_obj.copy_(torch.linspace(0.2, -0.2, width_obj)[None])
+            student_cls, student_obj = s_cls.clone().requires_grad_(), s_obj.clone().requires_grad_()
+            if sorted_path:
+                targets = ObjectTargets.build(m, cycle if epoch >= 1 else None)
+                natural = [t_obj[m:], t_obj[:m]] + ([nn1, nn2] if epoch >= 1 else [])
+                out = loss.forward_sorted(student_cls, torch.cat([t_cls[b:], t_cls[:b]]), student_obj,
+                                          torch.cat(natural)[targets.order], targets, epoch)
+            else:
+                out = loss(student_cls, t_cls, student_obj, (t_obj[:m], t_obj[m:]), (nn1, nn2), cycle, epoch,
+                           neighbours_selected=True)
+            out["loss"].backward()
+            losses.append(out)
+            results.append((student_cls.grad, student_obj.grad, loss.global_loss.center.clone(), loss.center_obj.clone()))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert (losses[1]["cross_image"].item() > 0) == (epoch >= 1)
+    for key in ("loss", "global", "cross_view", "cross_image"):
+        assert losses[1][key].item() == pytest.approx(losses[0][key].item(), abs=1e-12), key
+    for ours, reference in zip(results[1], results[0]):
+        assert torch.allclose(ours, reference, atol=1e-12)

@@ -18,7 +18,7 @@ from torch import nn
 
 from cribo.method.clustering import joint_view_clustering, object_vectors
 from cribo.method.dtypes import at_least_fp32
-from cribo.method.losses import CrIBoLoss
+from cribo.method.losses import CrIBoLoss, ObjectTargets
 from cribo.method.memory_bank import ObjectMemoryBank
 from cribo.method.views import patch_positions
 from cribo.models.heads import DINOHead
@@ -96,7 +96,8 @@ def cribo_step(student: nn.Module, teacher: ObjectNet, loss_fn: CrIBoLoss, bank:
             settings.sinkhorn_iterations, settings.rounds, settings.hard_assignment, settings.update_marginal)
         obj1, obj2, valid = object_vectors(t1, t2, assignment)
         m = obj1.shape[0]
-        head_rows = [obj1, obj2]
+        # the loss's targets in their natural order (see ObjectTargets): each view's objects teach the other view
+        head_rows = [obj2, obj1]
         cycle = None
         cycle_fraction = float("nan")
         if bank is not None:
@@ -105,21 +106,22 @@ def cribo_step(student: nn.Module, teacher: ObjectNet, loss_fn: CrIBoLoss, bank:
             if not settings.cycle_check:
                 cycle = (torch.ones_like(found.cycle1), torch.ones_like(found.cycle2))
             cycle_fraction = found.cycle1.float().mean().item() if found.cycle1.numel() else 0.0
-            if epoch >= loss_fn.cross_image_start_epoch:
-                # only the neighbours that pass the cycle check get a loss: the others skip the head
-                head_rows += [found.nn_view1[0][cycle[0]], found.nn_view2[1][cycle[1]]]
             bank.enqueue(gather(obj1), gather(obj2), gather(valid.sum(dim=1)))
+        if cycle is not None and epoch >= loss_fn.cross_image_start_epoch:
+            # only the neighbours that pass the cycle check get a loss: the others skip the head
+            head_rows += [found.nn_view1[0][cycle[0]], found.nn_view2[1][cycle[1]]]
+        else:
+            cycle = None
+        targets = ObjectTargets.build(m, cycle, device=obj1.device)
+        # the head's rows in the order the loss reads them (sorted by the student row they teach), so its
+        # outputs become the teacher distributions in place; the [CLS] rows likewise, view 2 first
+        cls_tokens = t_features[:, 0]
         with amp():  # [CLS], objects and neighbours in one pass through the teacher's head
-            t_cls, t_all = teacher.head.forward_pair(t_features[:, 0], torch.cat(head_rows))
-        t_cls, t_all = at_least_fp32(t_cls), at_least_fp32(t_all)
-        t_obj = (t_all[:m], t_all[m:2 * m])
-        neighbours = None
-        if len(head_rows) > 2:
-            n1 = head_rows[2].shape[0]
-            neighbours = (t_all[2 * m:2 * m + n1], t_all[2 * m + n1:])
+            t_cls, t_obj = teacher.head.forward_pair(torch.cat([cls_tokens[b:], cls_tokens[:b]]),
+                                                     torch.cat(head_rows)[targets.order])
+        t_cls, t_obj = at_least_fp32(t_cls), at_least_fp32(t_obj)
     with amp():
         s_cls, _, s_obj = student(images, assignment)
     # stacked views (2B and 2M rows): the loss makes one gradient tensor for each
-    losses = loss_fn(at_least_fp32(s_cls), t_cls, at_least_fp32(s_obj), t_obj, neighbours, cycle, epoch,
-                     neighbours_selected=True)
+    losses = loss_fn.forward_sorted(at_least_fp32(s_cls), t_cls, at_least_fp32(s_obj), t_obj, targets, epoch)
     return {**losses, "objects_per_image": valid.sum(dim=1).float().mean().item(), "cycle_fraction": cycle_fraction}

@@ -38,6 +38,20 @@ def dino_cross_entropy(teacher_probs: torch.Tensor, student_logits: torch.Tensor
     return torch.sum(-teacher_probs * F.log_softmax(student_logits / student_temp, dim=-1), dim=-1).mean()
 
 
+@torch.no_grad()
+def ema_of_mean(center: torch.Tensor, batch_sum: torch.Tensor, count: int, momentum: float) -> torch.Tensor:
+    """``momentum * center + (1 - momentum) * batch_sum / count``, with the sum and the count all-reduced over
+    processes (so the mean is over the global batch); ``center`` itself when no process has a row."""
+    batch_sum = batch_sum.clone()
+    total = torch.tensor([float(count)], device=batch_sum.device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(batch_sum)
+        dist.all_reduce(total)
+    if total.item() == 0:
+        return center
+    return center.mul(momentum).add_(batch_sum / total, alpha=1 - momentum)
+
+
 class DINOLoss(nn.Module):
     """DINO loss with a centred, sharpened teacher; the centre is the buffer ``center`` (``1 x K``).
 
@@ -102,12 +116,12 @@ class DINOLoss(nn.Module):
         is over the global batch even if processes hold different batch sizes.
         """
         outputs = torch.cat([at_least_fp32(t.detach()) for t in teacher_out])
-        batch_sum = outputs.sum(dim=0, keepdim=True)
-        count = torch.tensor([float(outputs.shape[0])], device=outputs.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(batch_sum)
-            dist.all_reduce(count)
-        self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
+        self.update_center_from_sum(outputs.sum(dim=0, keepdim=True), outputs.shape[0])
+
+    @torch.no_grad()
+    def update_center_from_sum(self, batch_sum: torch.Tensor, count: int) -> None:
+        """:meth:`update_center` given this process's ``1 x K`` sum of teacher rows and their number."""
+        self.center.copy_(ema_of_mean(self.center, batch_sum, count, self.center_momentum))
 
 
 class MultiCropWrapper(nn.Module):

@@ -33,12 +33,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from cribo.method.dtypes import at_least_fp32
-from cribo.method.dino import DINOLoss, dino_cross_entropy
+from cribo.method.dino import DINOLoss, dino_cross_entropy, ema_of_mean
 from cribo.method.soft_cross_entropy import soft_cross_entropy, softmax_in_place
 
 
@@ -87,6 +86,46 @@ def cross_image_object_loss(nn1: torch.Tensor, nn2: torch.Tensor, s1: torch.Tens
         term2 = summed(nn2, s1, cycle2) / n2 if n2 else zero
         return (term1 + term2) / 2
     raise ValueError(f"cross_image_norm must be 'first_direction' or 'per_direction', got {norm!r}")
+
+
+@dataclass(frozen=True)
+class ObjectTargets:
+    """Where each target of the object terms sits, for teacher logits computed in the order the loss reads them.
+
+    The targets, in their *natural* order: the teacher's view-2 objects (teaching the student's view-1
+    rows ``0 .. M-1``), its view-1 objects (rows ``M .. 2M-1``), the consistent neighbours of the view-1
+    objects (``n1``, teaching view-2 rows) and of the view-2 objects (``n2``, teaching view-1 rows).
+    :func:`soft_cross_entropy` reads targets sorted by the student row they teach: ``order`` sorts
+    the natural order (stably), ``rows`` are the sorted targets' student rows and ``place`` maps back.
+    Feeding the teacher head its inputs as ``natural_inputs[order]`` makes its output rows the sorted
+    targets directly, so no ``rows x K`` buffer has to be reordered.
+    """
+
+    objects: int  # M, objects per view
+    rows: torch.Tensor  # T, non-decreasing
+    order: torch.Tensor  # T, a permutation of the natural order
+    place: torch.Tensor  # T, inverse of order
+    is_object: torch.Tensor  # T booleans, sorted order: an object (not a neighbour)
+    neighbours: tuple[torch.Tensor, torch.Tensor] | None  # the cycle masks (M x k each), None without the bank
+
+    @property
+    def neighbours_of_view1(self) -> int:
+        return 0 if self.neighbours is None else int(self.neighbours[0].sum())
+
+    @classmethod
+    def build(cls, m: int, cycle: tuple[torch.Tensor, torch.Tensor] | None, device=None) -> "ObjectTargets":
+        """``cycle``: the two ``M`` (or ``M x k``) masks of the neighbours that get a loss, or None for none."""
+        own = torch.arange(m, device=device)
+        rows = [own, own + m]
+        masks = None
+        if cycle is not None:
+            masks = tuple(c if c.dim() == 2 else c[:, None] for c in cycle)
+            rows += [masks[0].nonzero()[:, 0].to(own.device) + m, masks[1].nonzero()[:, 0].to(own.device)]
+        natural = torch.cat(rows)
+        order = torch.argsort(natural, stable=True)
+        place = torch.empty_like(order)
+        place[order] = torch.arange(order.numel(), device=order.device)
+        return cls(m, natural[order], order, place, order < 2 * m, masks)
 
 
 @dataclass(frozen=True)
@@ -156,9 +195,48 @@ class CrIBoLoss(nn.Module):
             teachers += [nn1, nn2]
             rows += [c1.nonzero()[:, 0] + m, c2.nonzero()[:, 0]]
         h = self._cross_entropies(student, teachers, rows, self.center_obj, temp, self.student_temp)
+        self.update_object_center(teacher_obj)
+        return self._total(l_global, *self._object_terms(h, m, n1, use_bank, zero))
+
+    def forward_sorted(self, student_cls: torch.Tensor, teacher_cls: torch.Tensor, student_obj: torch.Tensor,
+                       teacher_obj: torch.Tensor, targets: ObjectTargets, epoch: int) -> dict[str, torch.Tensor]:
+        """:meth:`forward` for teacher logits already in the order the cross-entropies read them, which it
+        overwrites with the teacher distributions (one ``rows x K`` buffer, no copy).
+
+        Args:
+            student_cls: ``2B x K`` student [CLS] logits, view 1 first.
+            teacher_cls: ``2B x K`` teacher [CLS] logits in the order of the student rows they teach,
+                i.e. view 2 first (view 2's teacher teaches view 1's student); overwritten.
+            student_obj: ``2M x K_obj`` student object logits, view 1 first.
+            teacher_obj: ``T x K_obj`` teacher logits of the objects and the consistent neighbours, row ``i``
+                being target ``targets.order[i]`` (see :class:`ObjectTargets`); overwritten.
+        """
+        dino = self.global_loss
+        b2 = student_cls.shape[0]
+        cls_sum = teacher_cls.sum(dim=0, keepdim=True)
+        probs = sharpen_in_place(teacher_cls, dino.center, dino.teacher_temp(epoch))
+        l_global = soft_cross_entropy(student_cls, probs, torch.arange(b2, device=probs.device),
+                                      dino.student_temp).mean()
+        dino.update_center_from_sum(cls_sum, b2)
+
+        m = targets.objects
+        zero = student_obj.sum() * 0.0  # keeps an empty term in the graph
+        # the object centre is the mean of the objects' teacher logits, without the neighbours
+        obj_sum = (targets.is_object.to(teacher_obj.dtype) @ teacher_obj)[None]
+        probs = sharpen_in_place(teacher_obj, self.center_obj, self.temperature(epoch))
+        h = soft_cross_entropy(student_obj, probs, targets.rows, self.student_temp)[targets.place]
+        self.update_object_center_from_sum(obj_sum, 2 * m)
+        use_bank = targets.neighbours is not None and epoch >= self.cross_image_start_epoch
+        return self._total(l_global, *self._object_terms(h, m, targets.neighbours_of_view1, use_bank, zero))
+
+    def _object_terms(self, h: torch.Tensor, m: int, n1: int, use_bank: bool,
+                      zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-view and cross-image terms from the cross-entropies ``h`` of the targets in the order
+        ``[view 2 -> view 1 (M), view 1 -> view 2 (M), neighbours of view 1 (n1), of view 2 (n2)]``."""
         l_view = h[:2 * m].mean() if m else zero  # = (mean_k H(t1, s2) + mean_k H(t2, s1)) / 2
         l_image = zero
         if use_bank:
+            n2 = h.shape[0] - 2 * m - n1
             image1, image2 = h[2 * m:2 * m + n1].sum(), h[2 * m + n1:].sum()
             if self.cross_image_norm == "first_direction":
                 l_image = (image1 / n1 + image2 / n1) / 2 if n1 else zero
@@ -167,7 +245,9 @@ class CrIBoLoss(nn.Module):
             else:
                 raise ValueError(f"cross_image_norm must be 'first_direction' or 'per_direction', "
                                  f"got {self.cross_image_norm!r}")
-        self.update_object_center(teacher_obj)
+        return l_view, l_image
+
+    def _total(self, l_global: torch.Tensor, l_view: torch.Tensor, l_image: torch.Tensor) -> dict[str, torch.Tensor]:
         w = self.weights
         total = w.global_ * l_global + w.cross_view * l_view + w.cross_image * l_image
         return {"loss": total, "global": l_global.detach(), "cross_view": l_view.detach(),
@@ -203,12 +283,12 @@ class CrIBoLoss(nn.Module):
     @torch.no_grad()
     def update_object_center(self, teacher_obj: tuple[torch.Tensor, torch.Tensor]) -> None:
         total = sum(at_least_fp32(t).sum(dim=0, keepdim=True) for t in teacher_obj)
-        count = torch.tensor([float(sum(t.shape[0] for t in teacher_obj))], device=self.center_obj.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(total)
-            dist.all_reduce(count)
-        if count.item() > 0:
-            self.center_obj.mul_(self.center_momentum).add_(total / count, alpha=1 - self.center_momentum)
+        self.update_object_center_from_sum(total, sum(t.shape[0] for t in teacher_obj))
+
+    @torch.no_grad()
+    def update_object_center_from_sum(self, batch_sum: torch.Tensor, count: int) -> None:
+        """The object centre's EMA given this process's ``1 x K`` sum of object teacher logits and their number."""
+        self.center_obj.copy_(ema_of_mean(self.center_obj, batch_sum, count, self.center_momentum))
 
 
 @torch.no_grad()
@@ -219,7 +299,13 @@ def _centred_sharpened(logits: list[torch.Tensor], places: list[torch.Tensor], c
     probs = first.new_empty(sum(t.shape[0] for t in logits), first.shape[1])
     for part, place in zip(logits, places):
         probs.index_copy_(0, place, at_least_fp32(part.detach()))
-    probs.sub_(center).div_(temp)
+    return sharpen_in_place(probs, center, temp)
+
+
+@torch.no_grad()
+def sharpen_in_place(logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
+    """:func:`teacher_probs` written over ``logits`` (``N x K``, float32 or wider): ``softmax((t - c) / temp)``."""
+    probs = logits.sub_(center).div_(temp)
     if probs.device.type == "cpu":  # row by row: one pass over memory, not four (see softmax_in_place)
         return softmax_in_place(probs)
     probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()  # elementwise in place: no second buffer

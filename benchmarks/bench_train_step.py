@@ -170,6 +170,7 @@ def main() -> None:
     clock.wrap(bank, "retrieve", "bank")
     clock.wrap(bank, "enqueue", "bank")
     clock.wrap(loss_fn, "forward", "losses")
+    clock.wrap(loss_fn, "forward_sorted", "losses")
     momentum = 0.996
     generator = torch.Generator().manual_seed(0)
 
@@ -220,7 +221,7 @@ def main() -> None:
           f"(median step {statistics.median(step_seconds) * 1000:.0f} ms over {len(step_seconds)} steps; "
           f"median CPU time {statistics.median(cpu_seconds):.2f} s/step, all threads)")
     print(f"peak RSS {peak_mib:.0f} MiB")
-    print("phase ms/step: " + "  ".join(f"{name} {clock.seconds[name] * 1000 / len(step_seconds):.0f}"
+    print("phase ms/step: " + "  ".join(f"{name} {clock.seconds[name] * 1000 / len(step_seconds):.1f}"
                                           for name in PHASES))
     if args.count_flops:
         from torch.utils.flop_counter import FlopCounterMode

@@ -22,8 +22,11 @@ def test_bench_train_step_runs_a_tiny_step_and_prints_every_phase():
     phases = next(line for line in out.stdout.splitlines() if line.startswith("phase ms/step:"))
     flops = next(line for line in out.stdout.splitlines() if line.startswith("FLOPs per step"))
     assert float(flops.split(":")[1].split("GFLOP")[0]) > 0
-    for phase in ("data", "backbone", "clustering", "bank", "heads", "losses", "backward", "optimizer", "ema"):
-        assert f" {phase} " in phases + " ", phase
+    times = dict(zip(phases.split()[2::2], map(float, phases.split()[3::2])))
+    assert set(times) >= {"data", "backbone", "clustering", "bank", "heads", "losses", "backward", "optimizer", "ema"}
+    # every wrapped function is still called by the step (a renamed one would leave its phase at 0)
+    for phase in ("backbone", "clustering", "bank", "heads", "losses", "backward", "optimizer", "ema"):
+        assert times[phase] > 0, (phase, phases)
 
 
 def test_bench_official_step_names_the_missing_clone():

@@ -47,30 +47,31 @@ def before(b: int, m: int, n1: int, n2: int) -> list[tuple[str, int, int]]:
     ]
 
 
+def _student(b: int, m: int) -> list[tuple[str, int, int]]:
+    """The student's lines, the same since issue 14's first changes."""
+    return [
+        ("student [CLS] logits, fp16 head output", 2 * b, FP16),
+        ("student [CLS] logits, fp32 copy (saved)", 2 * b, FP32),
+        ("student object logits, both views in one pass, fp16 head output", 2 * m, FP16),
+        ("student object logits, fp32 copy (saved)", 2 * m, FP32),
+        ("one block of log-softmax (64 rows), transient", 64, FP32),
+    ]
+
+
 def first_pass(b: int, m: int, n1: int, n2: int) -> list[tuple[str, int, int]]:
     return [
         ("teacher [CLS] logits, fp32 copy", 2 * b, FP32),
         ("teacher object + consistent-neighbour logits, one pass, fp32 copy", 2 * m + n1 + n2, FP32),
         ("[CLS] targets, both views in one buffer (saved)", 2 * b, FP32),
         ("object targets: other view + consistent neighbours, one buffer (saved)", 2 * m + n1 + n2, FP32),
-        ("student [CLS] logits, fp16 head output", 2 * b, FP16),
-        ("student [CLS] logits, fp32 copy (saved)", 2 * b, FP32),
-        ("student object logits, both views in one pass, fp16 head output", 2 * m, FP16),
-        ("student object logits, fp32 copy (saved)", 2 * m, FP32),
-        ("one block of log-softmax (64 rows), transient", 64, FP32),
-    ]
+    ] + _student(b, m)
 
 
 def now(b: int, m: int, n1: int, n2: int) -> list[tuple[str, int, int]]:
     return [
         ("teacher [CLS] logits' fp32 copy, sharpened in place into the targets (saved)", 2 * b, FP32),
         ("teacher object + consistent-neighbour logits' fp32 copy, the same (saved)", 2 * m + n1 + n2, FP32),
-        ("student [CLS] logits, fp16 head output", 2 * b, FP16),
-        ("student [CLS] logits, fp32 copy (saved)", 2 * b, FP32),
-        ("student object logits, both views in one pass, fp16 head output", 2 * m, FP16),
-        ("student object logits, fp32 copy (saved)", 2 * m, FP32),
-        ("one block of log-softmax (64 rows), transient", 64, FP32),
-    ]
+    ] + _student(b, m)
 
 
 def total_bytes(rows: list[tuple[str, int, int]], width: int) -> int:

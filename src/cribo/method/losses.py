@@ -121,11 +121,17 @@ class ObjectTargets:
         if cycle is not None:
             masks = tuple(c if c.dim() == 2 else c[:, None] for c in cycle)
             rows += [masks[0].nonzero()[:, 0].to(own.device) + m, masks[1].nonzero()[:, 0].to(own.device)]
-        natural = torch.cat(rows)
-        order = torch.argsort(natural, stable=True)
-        place = torch.empty_like(order)
-        place[order] = torch.arange(order.numel(), device=order.device)
-        return cls(m, natural[order], order, place, order < 2 * m, masks)
+        sorted_rows, order, place = sorted_by_row(torch.cat(rows))
+        return cls(m, sorted_rows, order, place, order < 2 * m, masks)
+
+
+def sorted_by_row(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``T`` student rows of targets in some order -> ``(rows sorted, order, place)``: the targets sorted by the row
+    they teach (stably, as :func:`soft_cross_entropy` reads them) are ``order``, and ``place`` is its inverse."""
+    order = torch.argsort(rows, stable=True)
+    place = torch.empty_like(order)
+    place[order] = torch.arange(order.numel(), device=order.device)
+    return rows[order], order, place
 
 
 @dataclass(frozen=True)
@@ -273,12 +279,9 @@ class CrIBoLoss(nn.Module):
     def _cross_entropies(student: torch.Tensor, teachers: list[torch.Tensor], rows: list[torch.Tensor],
                          center: torch.Tensor, temp: float, student_temp: float) -> torch.Tensor:
         """``H`` of each teacher row (logits, in the order of ``teachers``) against the student row it teaches."""
-        all_rows = torch.cat(rows)
-        order = torch.argsort(all_rows, stable=True)  # soft_cross_entropy wants the targets by row
-        place = torch.empty_like(order)
-        place[order] = torch.arange(order.numel(), device=order.device)
+        sorted_rows, _, place = sorted_by_row(torch.cat(rows))
         probs = _centred_sharpened(teachers, list(place.split([r.numel() for r in rows])), center, temp)
-        return soft_cross_entropy(student, probs, all_rows[order], student_temp)[place]
+        return soft_cross_entropy(student, probs, sorted_rows, student_temp)[place]
 
     @torch.no_grad()
     def update_object_center(self, teacher_obj: tuple[torch.Tensor, torch.Tensor]) -> None:

@@ -47,6 +47,24 @@ from cribo.models.heads import DINOHead, cancel_last_layer_gradients
 from cribo.train import engine
 from cribo.train.host_memory import keep_freed_host_memory
 
+try:
+    from cribo.models import fast_linear
+    from cribo.models.fast_linear import use_fast_linears
+except ImportError:  # a commit before the oneDNN products
+    fast_linear = use_fast_linears = None
+
+
+@contextlib.contextmanager
+def onednn_disabled():
+    enabled = getattr(fast_linear, "ENABLED", None)
+    if fast_linear is not None:
+        fast_linear.ENABLED = False
+    try:
+        yield
+    finally:
+        if fast_linear is not None:
+            fast_linear.ENABLED = enabled
+
 PRESETS = {
     "issue": dict(arch="vit_tiny", img=96, batch=16, clusters=8, queue=256, pos_alpha=1.0),
     "vits-k32": dict(arch="vit_small", img=224, batch=8, clusters=32, queue=256, pos_alpha=1.0),
@@ -118,6 +136,8 @@ def build(args):
 
     torch.manual_seed(0)
     student, teacher = make(0.1), make(0.0)
+    if use_fast_linears is not None:  # as the engine does (absent before that commit)
+        use_fast_linears(student), use_fast_linears(teacher)
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
@@ -226,7 +246,8 @@ def main() -> None:
     if args.count_flops:
         from torch.utils.flop_counter import FlopCounterMode
 
-        with FlopCounterMode(display=False) as counter:
+        # the counter sees torch's own ops only, so the count runs the products through them
+        with FlopCounterMode(display=False) as counter, onednn_disabled():
             one_step()
         gflop = counter.get_total_flops() / 1e9
         print(f"FLOPs per step (forward + backward, counted ops): {gflop:.1f} GFLOP; at the median step "

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from cribo.models.fast_linear import linear
+
 
 def _weight_normed_linear(in_dim: int, out_dim: int, freeze_magnitude: bool) -> nn.Linear:
     """``K x D`` weight ``w_k = g_k * v_k / ||v_k||`` with every ``g_k = 1`` (so each row has unit norm)."""
@@ -91,11 +93,11 @@ class DINOHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Image ([CLS]) logits: ``B x D_in -> B x out_dim``, each entry in ``[-1, 1]`` when g = 1."""
-        return self.last_layer(self.bottleneck(x))
+        return linear(self.bottleneck(x), self.last_layer.weight)
 
     def forward_objects(self, x: torch.Tensor) -> torch.Tensor:
         """Object logits through ``last_layer_obj``: ``M x D_in -> M x object_out_dim``."""
-        return self._object_layer()(self.bottleneck(x))
+        return linear(self.bottleneck(x), self._object_layer().weight)
 
     def forward_pair(self, images: torch.Tensor, objects: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(forward(images), forward_objects(objects))`` with one MLP pass over both:
@@ -103,7 +105,7 @@ class DINOHead(nn.Module):
         layer = self._object_layer()
         hidden = self.bottleneck(torch.cat([images, objects]))  # cat promotes (e.g. bf16 [CLS], fp32 objects)
         b = images.shape[0]
-        return self.last_layer(hidden[:b]), layer(hidden[b:])
+        return linear(hidden[:b], self.last_layer.weight), linear(hidden[b:], layer.weight)
 
     def _object_layer(self) -> nn.Linear:
         if self.last_layer_obj is None:

@@ -1,0 +1,118 @@
+"""``x @ W^T (+ b)`` on the CPU through oneDNN's inner product, forward and backward.
+
+Why this exists: torch runs float32 ``mm`` on the CPU through MKL's sgemm, and MKL is slow on
+the shapes of the DINO/CrIBo last layers (``rows x 256`` inputs against a ``65536 x 256``
+weight). ``benchmarks/bench_linear_kernels.py`` times both kernels alternately; on the 2-core
+AMD EPYC (Zen 4) of our CI, medians of 11 calls, ms:
+
+=============================================  =======  ======
+product (rows x in -> out)                     MKL      oneDNN
+=============================================  =======  ======
+last layer forward, 218 x 256 -> 65536          60.1     37.7
+last layer forward, 32 x 256 -> 65536           23.4     10.8
+last layer input gradient, 218 rows             43.3     35.4
+last layer weight gradient, 218 rows            61.6     64.3
+last layer weight gradient, 32 rows             20.3     12.2
+ViT-Ti fc1 forward, 1184 x 192 -> 768            2.41     2.00
+ViT-Ti fc1 weight gradient                       2.17     2.98
+=============================================  =======  ======
+
+torch itself routes float32 matrix products to oneDNN only in its reduced-precision modes
+(bf32 / tf32), which would change the numbers; this module keeps full float32 (the results
+differ from MKL's by the order of the float32 sums only, about 1e-6 relative). The kernel is
+``torch.ops.mkldnn._linear_pointwise``, the op torch's own compiler emits for CPU linear layers.
+It has no autograd formula, so :class:`_InnerProduct` gives it one: the input's gradient is an
+inner product too, and the weight's gradient goes to oneDNN only for few rows, where it is
+faster. Wherever oneDNN does not apply (not in the build, another device or dtype, autocast,
+empty inputs, ``torch.backends.mkldnn.enabled = False``, or ``CRIBO_ONEDNN_LINEAR=0`` in the
+environment), :func:`linear` is ``torch.nn.functional.linear``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# read once: set CRIBO_ONEDNN_LINEAR=0 to run every product through torch's default kernel
+ENABLED = os.environ.get("CRIBO_ONEDNN_LINEAR", "1") != "0"
+
+
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN and its inner-product op."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+_AVAILABLE = onednn_available()
+# below this many rows the weight gradient goes to oneDNN too (see the table above)
+FEW_ROWS = 64
+
+
+def _inner_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``N x I, O x I (, O) -> N x O``: ``x @ weight^T + bias`` by oneDNN (operands may be transposed views)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _InnerProduct(torch.autograd.Function):
+    """``N x I`` input, ``O x I`` weight, optional ``O`` bias -> ``N x O``; the input's gradient by oneDNN too."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _inner_product(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _inner_product(grad, weight.t())  # N x O @ O x I
+        if ctx.needs_input_grad[1]:
+            # O x N @ N x I: oneDNN wins only for few rows N (its own benchmark, bench_linear_kernels.py);
+            # its transposed orientation is faster still, but transposing a 65536 x 256 result costs 26 ms
+            if x.shape[0] <= FEW_ROWS:
+                grad_weight = _inner_product(grad.t(), x.t())
+            else:
+                grad_weight = grad.t().mm(x)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(dim=0)
+        return grad_x, grad_weight, grad_bias
+
+
+def uses_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether :func:`linear` would run these operands through oneDNN."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    return (ENABLED and _AVAILABLE and torch.backends.mkldnn.enabled and x.dim() >= 2 and weight.dim() == 2 and x.numel() > 0
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.nn.functional.linear`` (``... x I, O x I, O -> ... x O``), through oneDNN on the CPU in float32."""
+    if not uses_onednn(x, weight, bias):
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    return _InnerProduct.apply(rows, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+
+
+class FastLinear(nn.Linear):
+    """``nn.Linear`` whose forward is :func:`linear`; the same parameters and state-dict keys."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def use_fast_linears(module: nn.Module) -> nn.Module:
+    """Make every plain ``nn.Linear`` inside ``module`` a :class:`FastLinear`, in place (returns ``module``).
+
+    Only the class of each layer changes: parameters, buffers, hooks and state-dict keys stay, and
+    the layers remain ``nn.Linear`` instances. Subclasses (e.g. weight-normalised layers, whose
+    class torch's parametrizations create) are left alone.
+    """
+    for layer in module.modules():
+        if type(layer) is nn.Linear:
+            layer.__class__ = FastLinear
+    return module

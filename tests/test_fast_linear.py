@@ -1,0 +1,131 @@
+"""The oneDNN products of :mod:`cribo.models.fast_linear`: values and gradients against float64, where they apply.
+
+The bound is the textbook one for a float32 dot product of length ``n`` (any summation order):
+``|fl(x . w) - x . w| <= n * u * (|x| . |w|)`` with ``u = 2**-24``, so the check holds for oneDNN's
+and MKL's orders alike and fails for a wrong formula (a transposed or missing term is off by
+O(|x| . |w|)). The shapes cover both routes of the weight's gradient (oneDNN up to
+``FEW_ROWS`` rows, torch's kernel beyond).
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cribo.method.cribo import ClusteringSettings, ObjectNet, cribo_step
+from cribo.method.losses import CrIBoLoss
+from cribo.method.memory_bank import ObjectMemoryBank
+from cribo.models import fast_linear
+from cribo.models.backbones import build_vit
+from cribo.models.fast_linear import FastLinear, linear, use_fast_linears, uses_onednn
+from cribo.models.heads import DINOHead
+
+U = 2.0 ** -24
+needs_onednn = pytest.mark.skipif(not fast_linear.onednn_available(), reason="this torch build has no oneDNN")
+
+
+def assert_within_dot_bound(value: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor) -> None:
+    excess = (value.double() - exact).abs() - bound
+    assert excess.max().item() <= 0, f"off by {excess.max().item():.3g} beyond the float32 bound"
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape, bias", [((7, 13), True), ((2, 5, 13), False), ((3, 256), False), ((70, 9), True)])
+def test_values_and_gradients_within_the_float32_dot_product_bound(shape, bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, requires_grad=True)
+    w = torch.randn(11, shape[-1], generator=g, requires_grad=True)
+    b = torch.randn(11, generator=g, requires_grad=True) if bias else None
+    assert uses_onednn(x, w, b)
+    assert (x.numel() // shape[-1] > fast_linear.FEW_ROWS) == (shape == (70, 9))
+    y = linear(x, w, b)
+    upstream = torch.randn(y.shape, generator=g)
+    (y * upstream).sum().backward()
+
+    x64, w64, up64 = x.detach().double(), w.detach().double(), upstream.double()
+    b64 = None if b is None else b.detach().double()
+    n = shape[-1]
+    assert_within_dot_bound(y, F.linear(x64, w64, b64),
+                            n * U * (x64.abs() @ w64.abs().T + (0 if b64 is None else b64.abs())) + 1e-12)
+    # dL/dx = upstream @ w (sums over the 11 outputs), dL/dw = upstream^T @ x (sums over the rows)
+    rows_x, rows_up = x64.reshape(-1, n), up64.reshape(-1, 11)
+    assert_within_dot_bound(x.grad, up64 @ w64, 11 * U * (up64.abs() @ w64.abs()) + 1e-12)
+    assert_within_dot_bound(w.grad, rows_up.T @ rows_x, rows_x.shape[0] * U * (rows_up.abs().T @ rows_x.abs()) + 1e-12)
+    if bias:
+        assert_within_dot_bound(b.grad, rows_up.sum(0), rows_x.shape[0] * U * rows_up.abs().sum(0) + 1e-12)
+
+
+def test_falls_back_to_torch_where_onednn_does_not_apply(monkeypatch):
+    w = torch.randn(4, 3)
+    assert not uses_onednn(torch.randn(2, 3, dtype=torch.float64), w.double())  # float64: not a oneDNN type here
+    assert not uses_onednn(torch.randn(0, 3), w)  # no rows
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast picks the precision: leave it to F.linear
+        assert not uses_onednn(torch.randn(2, 3), w)
+    monkeypatch.setattr(fast_linear, "ENABLED", False)  # CRIBO_ONEDNN_LINEAR=0
+    assert not uses_onednn(torch.randn(2, 3), w)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    assert torch.equal(linear(x, w.double()), F.linear(x, w.double()))
+    assert linear(torch.randn(0, 3), w).shape == (0, 4)
+
+
+def test_use_fast_linears_swaps_plain_linears_only_and_keeps_the_state_dict():
+    torch.manual_seed(0)
+    head = DINOHead(8, 16, hidden_dim=12, bottleneck_dim=4, object_out_dim=16)
+    before = copy.deepcopy(head.state_dict())
+    x = torch.randn(5, 8, dtype=torch.float64)
+    head64 = copy.deepcopy(head).double()
+    expected = head64(x)
+    use_fast_linears(head)
+    assert [type(m) for m in head.mlp if isinstance(m, nn.Linear)] == [FastLinear] * 3
+    assert type(head.last_layer) is not FastLinear  # torch's parametrized class, left alone
+    assert head.state_dict().keys() == before.keys()
+    assert all(torch.equal(head.state_dict()[k], before[k]) for k in before)
+    got = use_fast_linears(head64)(x)  # float64 falls back: exactly the same numbers
+    assert torch.equal(got, expected)
+
+
+@needs_onednn
+def test_a_float32_step_with_onednn_matches_the_step_without(monkeypatch):
+    """Whole CrIBo step in float32: the losses and every student gradient with and without oneDNN.
+
+    The two differ by float32 summation order only, ~1e-7 relative per product; through this tiny net
+    that stays below 1e-5 relative (losses) and 1e-4 of each gradient tensor's largest entry. A wrong
+    gradient formula in either path is off by O(1) of that.
+    """
+    torch.manual_seed(0)
+
+    def make():
+        backbone = build_vit({"arch": "vit_tiny", "patch_size": 16, "img_size": 32}, drop_path_rate=0.0)
+        return ObjectNet(backbone, DINOHead(backbone.embed_dim, 64, hidden_dim=32, bottleneck_dim=16, object_out_dim=64))
+
+    student = make()
+    teacher = make()
+    teacher.load_state_dict(student.state_dict())
+    g = torch.Generator().manual_seed(1)
+    views = [torch.randn(4, 3, 32, 32, generator=g) for _ in range(2)]
+    grid = torch.stack(torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij"))
+    positions = [grid.expand(4, 2, 32, 32).clone() for _ in range(2)]
+    settings = ClusteringSettings(num_clusters=3)
+
+    def run(enabled):
+        monkeypatch.setattr(fast_linear, "ENABLED", enabled)
+        torch.manual_seed(2)  # the clustering draws its seeds from torch's global generator
+        s, t = copy.deepcopy(student), copy.deepcopy(teacher)
+        use_fast_linears(s), use_fast_linears(t)
+        loss_fn = CrIBoLoss(64, 64, [0.04, 0.04])
+        bank = ObjectMemoryBank(8, 3, s.backbone.embed_dim, generator=torch.Generator().manual_seed(0))
+        for _ in range(2):  # fill the bank, then a step with the cross-image term
+            out = cribo_step(s, t, loss_fn, bank, views, positions, 1, settings)
+        out["loss"].backward()
+        return out, {name: p.grad for name, p in s.named_parameters() if p.grad is not None}
+
+    fast, fast_grads = run(True)
+    plain, plain_grads = run(False)
+    for key in ("loss", "global", "cross_view", "cross_image"):
+        assert abs(fast[key].item() - plain[key].item()) <= 1e-5 * max(1.0, abs(plain[key].item())), key
+    assert fast_grads.keys() == plain_grads.keys() and len(plain_grads) > 10
+    for name, grad in plain_grads.items():
+        scale = grad.abs().max().item()
+        assert (fast_grads[name] - grad).abs().max().item() <= 1e-4 * scale + 1e-12, name

@@ -49,9 +49,8 @@ from cribo.train.host_memory import keep_freed_host_memory
 
 try:
     from cribo.models import fast_linear
-    from cribo.models.fast_linear import use_fast_linears
 except ImportError:  # a commit before the oneDNN products
-    fast_linear = use_fast_linears = None
+    fast_linear = None
 
 
 @contextlib.contextmanager
@@ -136,8 +135,6 @@ def build(args):
 
     torch.manual_seed(0)
     student, teacher = make(0.1), make(0.0)
-    if use_fast_linears is not None:  # as the engine does (absent before that commit)
-        use_fast_linears(student), use_fast_linears(teacher)
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False

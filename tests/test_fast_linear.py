@@ -12,14 +12,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from cribo.method.cribo import ClusteringSettings, ObjectNet, cribo_step
 from cribo.method.losses import CrIBoLoss
 from cribo.method.memory_bank import ObjectMemoryBank
 from cribo.models import fast_linear
 from cribo.models.backbones import build_vit
-from cribo.models.fast_linear import FastLinear, linear, use_fast_linears, uses_onednn
+from cribo.models.fast_linear import linear, uses_onednn
 from cribo.models.heads import DINOHead
 
 U = 2.0 ** -24
@@ -70,22 +69,6 @@ def test_falls_back_to_torch_where_onednn_does_not_apply(monkeypatch):
     assert linear(torch.randn(0, 3), w).shape == (0, 4)
 
 
-def test_use_fast_linears_swaps_plain_linears_only_and_keeps_the_state_dict():
-    torch.manual_seed(0)
-    head = DINOHead(8, 16, hidden_dim=12, bottleneck_dim=4, object_out_dim=16)
-    before = copy.deepcopy(head.state_dict())
-    x = torch.randn(5, 8, dtype=torch.float64)
-    head64 = copy.deepcopy(head).double()
-    expected = head64(x)
-    use_fast_linears(head)
-    assert [type(m) for m in head.mlp if isinstance(m, nn.Linear)] == [FastLinear] * 3
-    assert type(head.last_layer) is not FastLinear  # torch's parametrized class, left alone
-    assert head.state_dict().keys() == before.keys()
-    assert all(torch.equal(head.state_dict()[k], before[k]) for k in before)
-    got = use_fast_linears(head64)(x)  # float64 falls back: exactly the same numbers
-    assert torch.equal(got, expected)
-
-
 @needs_onednn
 def test_a_float32_step_with_onednn_matches_the_step_without(monkeypatch):
     """Whole CrIBo step in float32: the losses and every student gradient with and without oneDNN.
@@ -98,7 +81,8 @@ def test_a_float32_step_with_onednn_matches_the_step_without(monkeypatch):
 
     def make():
         backbone = build_vit({"arch": "vit_tiny", "patch_size": 16, "img_size": 32}, drop_path_rate=0.0)
-        return ObjectNet(backbone, DINOHead(backbone.embed_dim, 64, hidden_dim=32, bottleneck_dim=16, object_out_dim=64))
+        head = DINOHead(backbone.embed_dim, 64, hidden_dim=32, bottleneck_dim=16, object_out_dim=64)
+        return ObjectNet(backbone, head)
 
     student = make()
     teacher = make()
@@ -113,7 +97,6 @@ def test_a_float32_step_with_onednn_matches_the_step_without(monkeypatch):
         monkeypatch.setattr(fast_linear, "ENABLED", enabled)
         torch.manual_seed(2)  # the clustering draws its seeds from torch's global generator
         s, t = copy.deepcopy(student), copy.deepcopy(teacher)
-        use_fast_linears(s), use_fast_linears(t)
         loss_fn = CrIBoLoss(64, 64, [0.04, 0.04])
         bank = ObjectMemoryBank(8, 3, s.backbone.embed_dim, generator=torch.Generator().manual_seed(0))
         for _ in range(2):  # fill the bank, then a step with the cross-image term

@@ -23,7 +23,9 @@ is a key rename (done by the checkpoint importer).
 
 For speed, not for the method, :meth:`DINOHead.forward_pair` runs [CLS] rows and object rows
 through the shared MLP in one pass (CrIBo needs both every step): one pass of ``B + M`` rows makes
-bigger, faster matrix products than two, and accumulates each MLP weight gradient once.
+bigger, faster matrix products than two, and accumulates each MLP weight gradient once. The last
+layers' products go through :func:`cribo.models.fast_linear.linear` (oneDNN on the CPU in float32,
+faster there than torch's default kernel at these ``rows x 65536`` shapes; ``F.linear`` elsewhere).
 """
 
 from __future__ import annotations

@@ -45,7 +45,6 @@ from cribo.data.images import list_pretrain_images
 from cribo.method.base import Method, build_method
 from cribo.method.schedules import cosine_schedule
 from cribo.method.untrained import UNTRAINED
-from cribo.models.fast_linear import use_fast_linears
 from cribo.train.checkpoint import check_resume_settings, copy_checkpoint, load_checkpoint, save_checkpoint
 from cribo.train.host_memory import keep_freed_host_memory
 from cribo.train.distributed import (DistInfo, all_gather_objects, barrier, cleanup, init_distributed,
@@ -279,8 +278,6 @@ def train_method(method: Method, cfg: dict, output_dir: Path, dist_info: DistInf
     # continues its stream, so a single-process run draws exactly what it always drew
     torch.manual_seed(cfg["seed"])
     student, teacher = method.build_networks()
-    # float32 CPU products through oneDNN (faster than torch's default MKL kernel there; see fast_linear)
-    use_fast_linears(student), use_fast_linears(teacher)
     if dist_info.rank > 0:
         seed_everything(cfg["seed"] + dist_info.rank)
     student_ddp = student

@@ -60,3 +60,30 @@ def test_missing_and_foreign_checkpoints(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not a checkpoint we can read"):
         backbone_from_checkpoint(load_checkpoint(tmp_path / "other.pth"))
+
+
+def test_cpu_attention_is_explicit_for_few_tokens_and_fused_beyond(monkeypatch):
+    """The kernel follows the token count of each call; both kernels give the same tokens (float64)."""
+    import copy
+
+    from cribo.models import backbones
+
+    torch.manual_seed(0)
+    vit = build_vit({"arch": "vit_tiny", "patch_size": 16, "img_size": 64}).double().eval()
+    attention = vit.blocks[0].attn
+    few = torch.randn(2, 3, 64, 64, dtype=torch.float64)  # 16 patches + [CLS] = 17 tokens
+    many = torch.randn(1, 3, 144, 144, dtype=torch.float64)  # 81 + 1 = 82 > FEW_TOKENS
+    with torch.no_grad():
+        explicit_few = vit.forward_features(few)
+        assert attention.fused_attn is False
+        fused_many = vit.forward_features(many)
+        assert attention.fused_attn is True
+        monkeypatch.setattr(backbones, "FEW_TOKENS", 0)  # every call fused
+        fused_few = vit.forward_features(few)
+        assert attention.fused_attn is True
+        monkeypatch.setattr(backbones, "FEW_TOKENS", 10_000)  # every call explicit
+        explicit_many = vit.forward_features(many)
+        assert attention.fused_attn is False
+    assert torch.allclose(explicit_few, fused_few, atol=1e-10)
+    assert torch.allclose(explicit_many, fused_many, atol=1e-10)
+    assert pickle.loads(pickle.dumps(copy.deepcopy(vit))) is not None  # the hook is a plain function

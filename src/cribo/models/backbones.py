@@ -44,12 +44,43 @@ def build_vit(model_cfg: dict, drop_path_rate: float | None = None) -> VisionTra
     for key in ("embed_dim", "depth", "num_heads"):
         if model_cfg.get(key) is not None:
             kwargs[key] = model_cfg[key]
-    return VisionTransformer(
+    vit = VisionTransformer(
         img_size=model_cfg["img_size"], patch_size=model_cfg["patch_size"], num_classes=0,
         qkv_bias=True, dynamic_img_size=True,
         drop_path_rate=model_cfg.get("drop_path_rate", 0.0) if drop_path_rate is None else drop_path_rate,
         **kwargs,
     )
+    return explicit_attention_for_few_tokens(vit)
+
+
+# At most this many tokens per image, CPU attention runs as explicit products (see below).
+FEW_TOKENS = 65  # 128 px crops at patch 16, with [CLS]
+
+
+def explicit_attention_for_few_tokens(model: nn.Module) -> nn.Module:
+    """Make each timm ``Attention`` in ``model`` pick its kernel per call: on the CPU with at most
+    :data:`FEW_TOKENS` tokens, the explicit ``softmax(q k^T / sqrt(d)) v`` (timm's ``fused_attn = False``
+    path), otherwise ``F.scaled_dot_product_attention``. Returns ``model``.
+
+    Both compute the same attention (they differ by float rounding). On CPU, torch's fused kernel is
+    the slower one at few tokens (``benchmarks/bench_attention.py``, forward and backward: 2.7 ms
+    explicit against 4.1 ms fused for 32 images x 3 heads x 37 tokens, i.e. 96 px crops at patch
+    16; 3.0 against 4.0 ms at 65 tokens), and the faster or the leaner at many (197 tokens and up),
+    where the explicit path also keeps every ``N x N`` attention map for the backward pass. GPUs
+    keep the fused kernel.
+    """
+    from timm.layers import Attention
+
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.register_forward_pre_hook(_choose_attention_kernel)
+    return model
+
+
+def _choose_attention_kernel(attention: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a timm ``Attention`` (input ``B x N x D``): see :func:`explicit_attention_for_few_tokens`."""
+    x = args[0]
+    attention.fused_attn = not (x.device.type == "cpu" and x.shape[-2] <= FEW_TOKENS)
 
 
 class PatchFeatureExtractor(nn.Module):

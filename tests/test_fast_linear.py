@@ -4,7 +4,9 @@ The bound is the textbook one for a float32 dot product of length ``n`` (any sum
 ``|fl(x . w) - x . w| <= n * u * (|x| . |w|)`` with ``u = 2**-24``, so the check holds for oneDNN's
 and MKL's orders alike and fails for a wrong formula (a transposed or missing term is off by
 O(|x| . |w|)). The shapes cover both routes of the weight's gradient (oneDNN up to
-``FEW_ROWS`` rows, torch's kernel beyond).
+``FEW_ROWS`` rows, torch's kernel beyond) and the row buckets (rows padded in the forward pass,
+split into whole buckets and a rest for the input's gradient, or neither at a multiple of
+``ROW_BUCKET``).
 """
 
 import copy
@@ -31,7 +33,7 @@ def assert_within_dot_bound(value: torch.Tensor, exact: torch.Tensor, bound: tor
 
 
 @needs_onednn
-@pytest.mark.parametrize("shape, bias", [((7, 13), True), ((2, 5, 13), False), ((3, 256), False), ((70, 9), True)])
+@pytest.mark.parametrize("shape, bias", [((7, 13), True), ((2, 5, 13), False), ((3, 256), False), ((64, 9), False), ((70, 9), True)])
 def test_values_and_gradients_within_the_float32_dot_product_bound(shape, bias):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g, requires_grad=True)

@@ -48,6 +48,11 @@ from cribo.train import engine
 from cribo.train.host_memory import keep_freed_host_memory
 
 try:
+    from cribo.train.host_memory import FragmentationGuard
+except ImportError:  # a commit before the guard
+    FragmentationGuard = None
+
+try:
     from cribo.models import fast_linear
 except ImportError:  # a commit before the oneDNN products
     fast_linear = None
@@ -176,6 +181,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     allocator = "glibc default" if args.default_allocator else (
         "freed memory kept" if keep_freed_host_memory() else "default (not glibc)")
+    # as the engine: fragmentation of the kept memory is bounded (absent before that commit)
+    memory_guard = None if args.default_allocator or FragmentationGuard is None else FragmentationGuard()
 
     student, teacher, loss_fn, bank, optimizer, settings = build(args)
     clock = PhaseClock()
@@ -221,6 +228,8 @@ def main() -> None:
                 with torch.no_grad():
                     for p_s, p_t in zip(student.parameters(), teacher.parameters()):
                         p_t.mul_(momentum).add_(p_s.detach(), alpha=1 - momentum)
+        if memory_guard is not None:
+            memory_guard.after_step()
         if i >= args.warmup:
             step_seconds.append(time.perf_counter() - start)
             cpu_seconds.append(time.process_time() - cpu_start)
@@ -237,7 +246,8 @@ def main() -> None:
     print(f"images/s {args.batch * len(step_seconds) / total:.2f}  "
           f"(median step {statistics.median(step_seconds) * 1000:.0f} ms over {len(step_seconds)} steps; "
           f"median CPU time {statistics.median(cpu_seconds):.2f} s/step, all threads)")
-    print(f"peak RSS {peak_mib:.0f} MiB")
+    trims = f" ({memory_guard.trims} heap trims by the fragmentation guard)" if memory_guard is not None else ""
+    print(f"peak RSS {peak_mib:.0f} MiB{trims}")
     print("phase ms/step: " + "  ".join(f"{name} {clock.seconds[name] * 1000 / len(step_seconds):.1f}"
                                           for name in PHASES))
     if args.count_flops:

@@ -67,8 +67,9 @@ def test_the_engine_keeps_freed_memory_on_cpu_when_configured(tmp_path, monkeypa
     from cribo.config import validate_run_config
     from cribo.train import engine
 
-    seen = []
+    seen, guards = [], []
     monkeypatch.setattr(engine, "keep_freed_host_memory", lambda: seen.append(True) or True)
+    monkeypatch.setattr(engine, "FragmentationGuard", lambda: guards.append(True))  # and bounds its fragmentation
     # the untrained "random" method: the engine's set-up and a checkpoint, no data read
     cfg = validate_run_config({"method": "random", "data": {"dataset": "voc", "root": str(tmp_path)},
                                "model": {"arch": "vit_tiny", "patch_size": 8, "img_size": 32, "depth": 1,
@@ -77,4 +78,39 @@ def test_the_engine_keeps_freed_memory_on_cpu_when_configured(tmp_path, monkeypa
                                          "keep_freed_host_memory": enabled}})
     engine.train(cfg, tmp_path / "run")
     assert (tmp_path / "run" / "checkpoint.pth").is_file()
-    assert len(seen) == calls
+    assert len(seen) == len(guards) == calls
+
+
+def test_fragmentation_guard_trims_once_the_resident_size_passes_its_bound(monkeypatch):
+    """Baseline = resident size after the warm-up steps; a trim whenever it exceeds (1 + slack) x baseline."""
+    from cribo.train import host_memory
+
+    trims = []
+
+    class FakeLibc:
+        def malloc_trim(self, pad):
+            trims.append(pad)
+            return 1
+
+    sizes = iter([500, 100, 100, 119, 121, 90, 125])  # step 1 is larger: only the warm-up's last step counts
+    monkeypatch.setattr(host_memory, "resident_bytes", lambda: next(sizes))
+    guard = host_memory.FragmentationGuard(slack=0.2, warmup_steps=3)
+    guard.libc = FakeLibc()
+    results = [guard.after_step() for _ in range(7)]
+    assert guard.baseline == 100
+    assert results == [False, False, False, False, True, False, True]  # 119 <= 120 < 121, and 125
+    assert trims == [0, 0] and guard.trims == 2
+
+
+def test_fragmentation_guard_is_inert_without_glibc_and_checks_its_settings(monkeypatch):
+    from cribo.train import host_memory
+
+    guard = host_memory.FragmentationGuard()
+    guard.libc = None
+    assert not any(guard.after_step() for _ in range(10)) and guard.trims == 0
+    with pytest.raises(ValueError, match="slack"):
+        host_memory.FragmentationGuard(slack=0)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":  # the real call, on this machine
+        real = host_memory.FragmentationGuard(slack=0.5, warmup_steps=1)
+        assert real.after_step() is False
+        assert real.baseline > 0

@@ -46,7 +46,7 @@ from cribo.method.base import Method, build_method
 from cribo.method.schedules import cosine_schedule
 from cribo.method.untrained import UNTRAINED
 from cribo.train.checkpoint import check_resume_settings, copy_checkpoint, load_checkpoint, save_checkpoint
-from cribo.train.host_memory import keep_freed_host_memory
+from cribo.train.host_memory import FragmentationGuard, keep_freed_host_memory
 from cribo.train.distributed import (DistInfo, all_gather_objects, barrier, cleanup, init_distributed,
                                      is_distributed)
 from cribo.train.sampling import ResumableEpochSampler
@@ -94,6 +94,9 @@ def train(cfg: dict, output_dir: str | Path) -> Path:
         # before the first large tensor (the setting applies to later allocations); on GPUs the large
         # tensors live in CUDA's caching allocator, and host memory is left to glibc's defaults
         keep_freed_host_memory()
+        memory_guard = FragmentationGuard()  # and bound what fragmentation of the kept memory may take
+    else:
+        memory_guard = None
     if cfg["train"]["threads"]:
         # train.threads is the job's budget: torchrun's processes on this node share it
         torch.set_num_threads(max(1, cfg["train"]["threads"] // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
@@ -343,6 +346,8 @@ def train_method(method: Method, cfg: dict, output_dir: Path, dist_info: DistInf
                 sampler.skip_batches(start_step)
 
             def after_step(step_in_epoch: int) -> None:
+                if memory_guard is not None:
+                    memory_guard.after_step()
                 if every and step_in_epoch % every == 0 and step_in_epoch < steps_per_epoch:
                     save(epoch, step_in_epoch)
                 _test_signal_hook(epoch * steps_per_epoch + step_in_epoch)

@@ -67,9 +67,8 @@ def test_the_engine_keeps_freed_memory_on_cpu_when_configured(tmp_path, monkeypa
     from cribo.config import validate_run_config
     from cribo.train import engine
 
-    seen, guards = [], []
+    seen = []
     monkeypatch.setattr(engine, "keep_freed_host_memory", lambda: seen.append(True) or True)
-    monkeypatch.setattr(engine, "FragmentationGuard", lambda: guards.append(True))  # and bounds its fragmentation
     # the untrained "random" method: the engine's set-up and a checkpoint, no data read
     cfg = validate_run_config({"method": "random", "data": {"dataset": "voc", "root": str(tmp_path)},
                                "model": {"arch": "vit_tiny", "patch_size": 8, "img_size": 32, "depth": 1,
@@ -78,7 +77,44 @@ def test_the_engine_keeps_freed_memory_on_cpu_when_configured(tmp_path, monkeypa
                                          "keep_freed_host_memory": enabled}})
     engine.train(cfg, tmp_path / "run")
     assert (tmp_path / "run" / "checkpoint.pth").is_file()
-    assert len(seen) == len(guards) == calls
+    assert len(seen) == calls
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_training_checks_the_fragmentation_guard_after_every_step(tmp_path, monkeypatch, enabled):
+    from conftest import write_voc
+
+    from cribo.config import validate_run_config
+    from cribo.train import engine, host_memory
+
+    guards = []
+
+    class RecordingGuard(host_memory.FragmentationGuard):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+            guards.append(self)
+
+        def after_step(self):
+            self.calls += 1
+            return super().after_step()
+
+    monkeypatch.setattr(engine, "keep_freed_host_memory", lambda: True)  # this process's allocator is left alone
+    monkeypatch.setattr(engine, "FragmentationGuard", RecordingGuard)
+    root = write_voc(tmp_path / "voc", {"train": [f"t{i}" for i in range(6)], "val": ["v0"]})
+    cfg = validate_run_config({
+        "method": "dino", "seed": 0, "data": {"dataset": "voc", "root": str(root), "split": "train"},
+        "model": {"arch": "vit_tiny", "patch_size": 8, "img_size": 32, "depth": 1, "embed_dim": 32, "num_heads": 2},
+        "dino": {"out_dim": 16, "hidden_dim": 16, "bottleneck_dim": 8, "warmup_teacher_temp_epochs": 0,
+                 "local_crops_number": 0},
+        "optim": {"epochs": 2, "batch_size": 3, "warmup_epochs": 0},
+        "train": {"device": "cpu", "num_workers": 0, "progress": False, "threads": 1,
+                  "keep_freed_host_memory": enabled}})
+    engine.train(cfg, tmp_path / "run")
+    if enabled:
+        assert len(guards) == 1 and guards[0].calls == 4  # 2 epochs x 2 steps
+    else:
+        assert guards == []
 
 
 def test_fragmentation_guard_trims_once_the_resident_size_passes_its_bound(monkeypatch):

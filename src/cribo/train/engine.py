@@ -94,9 +94,6 @@ def train(cfg: dict, output_dir: str | Path) -> Path:
         # before the first large tensor (the setting applies to later allocations); on GPUs the large
         # tensors live in CUDA's caching allocator, and host memory is left to glibc's defaults
         keep_freed_host_memory()
-        memory_guard = FragmentationGuard()  # and bound what fragmentation of the kept memory may take
-    else:
-        memory_guard = None
     if cfg["train"]["threads"]:
         # train.threads is the job's budget: torchrun's processes on this node share it
         torch.set_num_threads(max(1, cfg["train"]["threads"] // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
@@ -339,6 +336,9 @@ def train_method(method: Method, cfg: dict, output_dir: Path, dist_info: DistInf
     if dist_info.is_main:
         print(f"training {method.name} on {dist_info.world_size} process(es), device {device}, precision {precision}, "
               f"{steps_per_epoch} steps/epoch x {epochs} epochs, {total_batch} images per step", flush=True)
+    # the host memory train() keeps for the next step: bound what its fragmentation may take
+    kept = cfg["train"]["keep_freed_host_memory"] and device.type == "cpu"
+    memory_guard = FragmentationGuard() if kept else None
     try:
         for epoch in range(start_epoch, epochs):
             sampler.set_epoch(epoch)

@@ -67,10 +67,10 @@ class FragmentationGuard:
 
     With large blocks carved from the heap, a step's freed blocks are reused by the next step, but
     not perfectly: tensors whose sizes change from step to step (CrIBo's object rows) and small
-    blocks that outlive a step split the free space, so the heap grows. At issue 14's shapes, peak
-    RSS went from 2.7 GiB after 13 steps to 3.8 GiB after 90 (then flat); with oneDNN's products
-    (:mod:`cribo.models.fast_linear`), whose scratch buffers come from the same heap, it kept
-    growing (6 GiB after 150 steps).
+    blocks that outlive a step split the free space, so the heap grows. At issue 14's shapes the
+    resident size went from 2,723 MiB after 13 steps to 3,811 MiB after 90 (then flat); with
+    oneDNN's products (:mod:`cribo.models.fast_linear`), whose scratch buffers come from the same
+    heap, it kept growing (5,962 MiB after 150 steps).
 
     Call :meth:`after_step` once per training step. After ``warmup_steps`` steps it records the
     resident set size as the baseline (the model, the optimiser and one step's working set);

@@ -128,14 +128,17 @@ def test_fragmentation_guard_trims_once_the_resident_size_passes_its_bound(monke
             trims.append(pad)
             return 1
 
-    sizes = iter([500, 100, 100, 119, 121, 90, 125])  # step 1 is larger: only the warm-up's last step counts
+    # after each step, and again right after each trim (in brackets); step 1 is larger: only the
+    # warm-up's last step counts
+    sizes = iter([500, 100, 100, 119, 121, (80), 90, 125, (130), 150, 157, (100)])
     monkeypatch.setattr(host_memory, "resident_bytes", lambda: next(sizes))
     guard = host_memory.FragmentationGuard(slack=0.2, warmup_steps=3)
     guard.libc = FakeLibc()
-    results = [guard.after_step() for _ in range(7)]
-    assert guard.baseline == 100
-    assert results == [False, False, False, False, True, False, True]  # 119 <= 120 < 121, and 125
-    assert trims == [0, 0] and guard.trims == 2
+    results = [guard.after_step() for _ in range(9)]
+    # 119 <= 120 < 121: trim, 80 left; 125 > 120: trim, but 130 stays in use, so the bound becomes 156;
+    # 150 <= 156 < 157: trim
+    assert results == [False, False, False, False, True, False, True, False, True]
+    assert trims == [0, 0, 0] and guard.trims == 3 and guard.baseline == 130
 
 
 def test_fragmentation_guard_is_inert_without_glibc_and_checks_its_settings(monkeypatch):

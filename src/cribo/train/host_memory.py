@@ -76,8 +76,9 @@ class FragmentationGuard:
     resident set size as the baseline (the model, the optimiser and one step's working set);
     whenever the resident size later exceeds ``(1 + slack)`` times the baseline, it calls glibc's
     ``malloc_trim(0)``, which hands every free page back to the kernel. The next step pays the page
-    faults of its working set once more (~0.3 s at issue 14's shapes). Does nothing where glibc is
-    not the allocator.
+    faults of its working set once more (~0.3 s at issue 14's shapes). If the resident size right
+    after a trim is above the baseline (memory in use, not fragmentation), it becomes the baseline.
+    Does nothing where glibc is not the allocator.
     """
 
     def __init__(self, slack: float = 0.2, warmup_steps: int = 3):
@@ -100,5 +101,8 @@ class FragmentationGuard:
         elif self.baseline is not None and rss > (1 + self.slack) * self.baseline:
             self.libc.malloc_trim(0)
             self.trims += 1
+            # memory in use that grew for good (not free pages) stays after the trim: the bound follows
+            # it, or every later step would trim again
+            self.baseline = max(self.baseline, resident_bytes() or 0)
             return True
         return False

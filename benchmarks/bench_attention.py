@@ -12,11 +12,11 @@ Usage: python benchmarks/bench_attention.py [--repeats 9 --threads 2]
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+
+from bench_linear_kernels import medians
 
 # (images, heads, tokens)
 SHAPES = [(32, 3, 17), (32, 3, 37), (32, 6, 37), (16, 3, 65), (8, 3, 197), (8, 6, 197), (4, 6, 401), (2, 6, 785)]
@@ -24,18 +24,6 @@ SHAPES = [(32, 3, 17), (32, 3, 37), (32, 6, 37), (16, 3, 65), (8, 3, 197), (8, 6
 
 def explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
-
-
-def medians(variants: dict, repeats: int) -> dict[str, float]:
-    for run in variants.values():
-        run()
-    seconds = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, run in variants.items():
-            start = time.perf_counter()
-            run()
-            seconds[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) * 1e3 for name, s in seconds.items()}
 
 
 def main() -> None:

@@ -31,11 +31,14 @@ from cribo.train import engine
 from cribo.train.host_memory import keep_freed_host_memory
 
 
+FEW_TOKENS = backbones.FEW_TOKENS  # the setting's "on" value
+
+
 def apply(setting: str, on: bool) -> None:
     if setting == "onednn":
         fast_linear.ENABLED = on
     else:
-        backbones.FEW_TOKENS = 65 if on else 0
+        backbones.FEW_TOKENS = FEW_TOKENS if on else 0
 
 
 def main() -> None:

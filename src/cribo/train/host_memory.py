@@ -31,22 +31,19 @@ _INT_MAX = 2**31 - 1
 
 def keep_freed_host_memory() -> bool:
     """Tell glibc to serve large blocks from its heap and not to trim it; True if glibc took both settings."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, _INT_MAX) == 1
+    return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, _INT_MAX) == 1
 
 
-def _libc():
+def _glibc():
+    """glibc with ``mallopt`` and ``malloc_trim`` typed, or None (another system or C library)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
         libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
     except (OSError, AttributeError):
         return None
@@ -85,7 +82,7 @@ class FragmentationGuard:
         if slack <= 0 or warmup_steps < 1:
             raise ValueError(f"slack must be > 0 and warmup_steps >= 1, got {slack} and {warmup_steps}")
         self.slack, self.warmup_steps = slack, warmup_steps
-        self.libc = _libc()
+        self.libc = _glibc()
         self.steps, self.trims, self.baseline = 0, 0, None
 
     def after_step(self) -> bool:

@@ -11,9 +11,14 @@ Settings (``--setting``):
 - ``onednn``: the last layers' products through oneDNN (:mod:`cribo.models.fast_linear`) or
   through torch's default kernel;
 - ``explicit-attention``: ViT attention at few tokens as explicit products
-  (:func:`cribo.models.backbones.explicit_attention_for_few_tokens`) or always torch's fused kernel.
+  (:func:`cribo.models.backbones.explicit_attention_for_few_tokens`) or always torch's fused kernel;
+- ``teacher-scales``: the teacher's last layers as products with ``v`` and column factors
+  ``g / ||v||`` folded into the sharpening (:meth:`cribo.models.heads.DINOHead.forward_pair_with_scales`),
+  or with the normalised weight written first (the factors are then ones; the sharpening is the
+  same single pass in both).
 
-Usage: python benchmarks/bench_step_ab.py --setting onednn [--steps 10 --warmup 2 --threads 2]
+Usage: python benchmarks/bench_step_ab.py --setting onednn|explicit-attention|teacher-scales
+       [--steps 10 --warmup 2 --threads 2]
 """
 
 from __future__ import annotations
@@ -34,16 +39,29 @@ from cribo.train.host_memory import keep_freed_host_memory
 FEW_TOKENS = backbones.FEW_TOKENS  # the setting's "on" value
 
 
-def apply(setting: str, on: bool) -> None:
+def with_normalised_weights(head):
+    """``head.forward_pair_with_scales`` through the written normalised weights, with factors of one."""
+    def forward_pair_with_scales(images, objects):
+        cls_logits, obj_logits = head.forward_pair(images, objects)
+        return ((cls_logits, cls_logits.new_ones(1, cls_logits.shape[1])),
+                (obj_logits, obj_logits.new_ones(1, obj_logits.shape[1])))
+    return forward_pair_with_scales
+
+
+def apply(setting: str, on: bool, teacher) -> None:
     if setting == "onednn":
         fast_linear.ENABLED = on
-    else:
+    elif setting == "explicit-attention":
         backbones.FEW_TOKENS = FEW_TOKENS if on else 0
+    elif on:
+        teacher.head.__dict__.pop("forward_pair_with_scales", None)  # the class's method again
+    else:
+        teacher.head.forward_pair_with_scales = with_normalised_weights(teacher.head)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setting", choices=["onednn", "explicit-attention"], required=True)
+    parser.add_argument("--setting", choices=["onednn", "explicit-attention", "teacher-scales"], required=True)
     parser.add_argument("--steps", type=int, default=10, help="timed steps of each setting")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each setting first")
     parser.add_argument("--threads", type=int, default=2)
@@ -56,7 +74,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
 
     def step(on: bool) -> float:
-        apply(args.setting, on)
+        apply(args.setting, on, teacher)
         start = time.perf_counter()
         views, positions = bench.synthetic_views(config.batch, config.img, generator)
         out = cribo_step(student, teacher, loss_fn, bank, views, positions, config.epoch, settings)

@@ -45,6 +45,27 @@ def test_one_mlp_pass_for_images_and_objects_equals_two_passes_values_and_gradie
         _tiny().forward_pair(images.float(), objects.float())
 
 
+def test_products_and_factors_equal_the_weight_normed_logits():
+    # the teacher's path: each last layer's product with v, times g / ||v|| per output, is forward_pair's logits
+    torch.set_default_dtype(torch.float64)
+    try:
+        head = _tiny(object_out_dim=6, norm_last_layer=False)
+        with torch.no_grad():  # magnitudes other than 1, so that g is not cancelled by chance
+            head.last_layer.parametrizations.weight.original0.uniform_(0.5, 2.0)
+            head.last_layer_obj.parametrizations.weight.original0.uniform_(0.5, 2.0)
+        images, objects = torch.randn(3, 16), torch.randn(5, 16)
+        (cls_product, cls_scale), (obj_product, obj_scale) = head.forward_pair_with_scales(images, objects)
+        cls_logits, obj_logits = head.forward_pair(images, objects)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert cls_scale.shape == (1, 10) and obj_scale.shape == (1, 6)
+    assert torch.allclose(cls_product * cls_scale, cls_logits, atol=1e-12)
+    assert torch.allclose(obj_product * obj_scale, obj_logits, atol=1e-12)
+    assert not torch.allclose(cls_product, cls_logits, atol=1e-3)  # the factors do something
+    with pytest.raises(RuntimeError, match="object"):
+        _tiny().forward_pair_with_scales(images.float(), objects.float())
+
+
 def test_state_dict_keys_follow_the_official_layout():
     head = _tiny(object_out_dim=6)
     p = "parametrizations.weight.original"

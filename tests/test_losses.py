@@ -133,6 +133,8 @@ def test_object_targets_sort_the_natural_order_by_student_row():
 
 @pytest.mark.parametrize("k,norm,epoch", [(1, "first_direction", 1), (2, "per_direction", 1), (1, "first_direction", 0)])
 def test_forward_sorted_equals_forward_values_gradients_and_centres(k, norm, epoch):
+    """Also with the teacher logits given as products and column factors (``teacher_scales``, the teacher head's
+    weight normalisation left to the sharpening): logits ``t`` passed as ``t / f`` and ``f``."""
     torch.set_default_dtype(torch.float64)  # compares the algebra, not the order of float sums
     try:
         g = torch.Generator().manual_seed(k)
@@ -141,17 +143,23 @@ def test_forward_sorted_equals_forward_values_gradients_and_centres(k, norm, epo
         t_cls, t_obj = torch.randn(2 * b, width, generator=g), torch.randn(2 * m, width_obj, generator=g)
         cycle = tuple(torch.rand(m, k, generator=g) > 0.4 for _ in range(2))
         nn1, nn2 = (torch.randn(int(c.sum()), width_obj, generator=g) for c in cycle)
+        scale_cls, scale_obj = (0.5 + torch.rand(1, w, generator=g) for w in (width, width_obj))
         losses, results = [], []
-        for sorted_path in (False, True):
+        for path in ("forward", "sorted", "sorted with factors"):
             loss = CrIBoLoss(width, width_obj, [0.04, 0.05], cross_image_norm=norm)
             loss.global_loss.center.copy_(torch.linspace(-0.1, 0.1, width)[None])
             loss.center_obj.copy_(torch.linspace(0.2, -0.2, width_obj)[None])
             student_cls, student_obj = s_cls.clone().requires_grad_(), s_obj.clone().requires_grad_()
-            if sorted_path:
+            if path != "forward":
                 targets = ObjectTargets.build(m, cycle if epoch >= 1 else None)
                 natural = [t_obj[m:], t_obj[:m]] + ([nn1, nn2] if epoch >= 1 else [])
-                out = loss.forward_sorted(student_cls, torch.cat([t_cls[b:], t_cls[:b]]), student_obj,
-                                          torch.cat(natural)[targets.order], targets, epoch)
+                teacher_cls, teacher_obj = torch.cat([t_cls[b:], t_cls[:b]]), torch.cat(natural)[targets.order]
+                scales = None
+                if path == "sorted with factors":
+                    scales = (scale_cls, scale_obj)
+                    teacher_cls, teacher_obj = teacher_cls / scale_cls, teacher_obj / scale_obj
+                out = loss.forward_sorted(student_cls, teacher_cls, student_obj, teacher_obj, targets, epoch,
+                                          teacher_scales=scales)
             else:
                 out = loss(student_cls, t_cls, student_obj, (t_obj[:m], t_obj[m:]), (nn1, nn2), cycle, epoch,
                            neighbours_selected=True)
@@ -161,7 +169,8 @@ def test_forward_sorted_equals_forward_values_gradients_and_centres(k, norm, epo
     finally:
         torch.set_default_dtype(torch.float32)
     assert (losses[1]["cross_image"].item() > 0) == (epoch >= 1)
-    for key in ("loss", "global", "cross_view", "cross_image"):
-        assert losses[1][key].item() == pytest.approx(losses[0][key].item(), abs=1e-12), key
-    for ours, reference in zip(results[1], results[0]):
-        assert torch.allclose(ours, reference, atol=1e-12)
+    for i in (1, 2):
+        for key in ("loss", "global", "cross_view", "cross_image"):
+            assert losses[i][key].item() == pytest.approx(losses[0][key].item(), abs=1e-12), (i, key)
+        for ours, reference in zip(results[i], results[0]):  # student gradients and both centres
+            assert torch.allclose(ours, reference, atol=1e-12), i

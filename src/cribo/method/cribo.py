@@ -3,7 +3,8 @@
 Teacher (no gradient): both views through the backbone -> [CLS] and patch tokens; the tokens of
 both views are clustered jointly into objects; object vectors (means of un-normalised tokens) and
 their bank neighbours (retrieved before this batch is enqueued) go through the *current* teacher
-head, together with the [CLS] tokens (one MLP pass, then each last layer). Student: the same
+head, together with the [CLS] tokens (one MLP pass, then each last layer, whose weight
+normalisation the loss applies as column factors while it sharpens). Student: the same
 views, the teacher's assignment applied to its own tokens, the same heads. Then the three losses
 of :class:`cribo.method.losses.CrIBoLoss`.
 """
@@ -117,11 +118,13 @@ def cribo_step(student: nn.Module, teacher: ObjectNet, loss_fn: CrIBoLoss, bank:
         # outputs become the teacher distributions in place; the [CLS] rows likewise, view 2 first
         cls_tokens = t_features[:, 0]
         with amp():  # [CLS], objects and neighbours in one pass through the teacher's head
-            t_cls, t_obj = teacher.head.forward_pair(torch.cat([cls_tokens[b:], cls_tokens[:b]]),
-                                                     torch.cat(head_rows)[targets.order])
+            # its last layers' weight normalisation is left to the loss, as column factors of the logits
+            (t_cls, cls_scale), (t_obj, obj_scale) = teacher.head.forward_pair_with_scales(
+                torch.cat([cls_tokens[b:], cls_tokens[:b]]), torch.cat(head_rows)[targets.order])
         t_cls, t_obj = at_least_fp32(t_cls), at_least_fp32(t_obj)
     with amp():
         s_cls, _, s_obj = student(images, assignment)
     # stacked views (2B and 2M rows): the loss makes one gradient tensor for each
-    losses = loss_fn.forward_sorted(at_least_fp32(s_cls), t_cls, at_least_fp32(s_obj), t_obj, targets, epoch)
+    losses = loss_fn.forward_sorted(at_least_fp32(s_cls), t_cls, at_least_fp32(s_obj), t_obj, targets, epoch,
+                                    teacher_scales=(at_least_fp32(cls_scale), at_least_fp32(obj_scale)))
     return {**losses, "objects_per_image": valid.sum(dim=1).float().mean().item(), "cycle_fraction": cycle_fraction}

@@ -205,7 +205,8 @@ class CrIBoLoss(nn.Module):
         return self._total(l_global, *self._object_terms(h, m, n1, use_bank, zero))
 
     def forward_sorted(self, student_cls: torch.Tensor, teacher_cls: torch.Tensor, student_obj: torch.Tensor,
-                       teacher_obj: torch.Tensor, targets: ObjectTargets, epoch: int) -> dict[str, torch.Tensor]:
+                       teacher_obj: torch.Tensor, targets: ObjectTargets, epoch: int,
+                       teacher_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """:meth:`forward` for teacher logits already in the order the cross-entropies read them, which it
         overwrites with the teacher distributions (one ``rows x K`` buffer, no copy).
 
@@ -216,11 +217,15 @@ class CrIBoLoss(nn.Module):
             student_obj: ``2M x K_obj`` student object logits, view 1 first.
             teacher_obj: ``T x K_obj`` teacher logits of the objects and the consistent neighbours, row ``i``
                 being target ``targets.order[i]`` (see :class:`ObjectTargets`); overwritten.
+            teacher_scales: ``(1 x K, 1 x K_obj)`` column factors when the teacher's logits are
+                ``teacher_cls * scales[0]`` and ``teacher_obj * scales[1]``
+                (:meth:`cribo.models.heads.DINOHead.forward_pair_with_scales`); None when they are the logits.
         """
         dino = self.global_loss
         b2 = student_cls.shape[0]
-        cls_sum = teacher_cls.sum(dim=0, keepdim=True)
-        probs = sharpen_in_place(teacher_cls, dino.center, dino.teacher_temp(epoch))
+        cls_scale, obj_scale = (None, None) if teacher_scales is None else teacher_scales
+        cls_sum = _scaled(teacher_cls.sum(dim=0, keepdim=True), cls_scale)
+        probs = sharpen_in_place(teacher_cls, dino.center, dino.teacher_temp(epoch), cls_scale)
         l_global = soft_cross_entropy(student_cls, probs, torch.arange(b2, device=probs.device),
                                       dino.student_temp).mean()
         dino.update_center_from_sum(cls_sum, b2)
@@ -228,8 +233,8 @@ class CrIBoLoss(nn.Module):
         m = targets.objects
         zero = student_obj.sum() * 0.0  # keeps an empty term in the graph
         # the object centre is the mean of the objects' teacher logits, without the neighbours
-        obj_sum = (targets.is_object.to(teacher_obj.dtype) @ teacher_obj)[None]
-        probs = sharpen_in_place(teacher_obj, self.center_obj, self.temperature(epoch))
+        obj_sum = _scaled((targets.is_object.to(teacher_obj.dtype) @ teacher_obj)[None], obj_scale)
+        probs = sharpen_in_place(teacher_obj, self.center_obj, self.temperature(epoch), obj_scale)
         h = soft_cross_entropy(student_obj, probs, targets.rows, self.student_temp)[targets.place]
         self.update_object_center_from_sum(obj_sum, 2 * m)
         use_bank = targets.neighbours is not None and epoch >= self.cross_image_start_epoch
@@ -306,13 +311,25 @@ def _centred_sharpened(logits: list[torch.Tensor], places: list[torch.Tensor], c
 
 
 @torch.no_grad()
-def sharpen_in_place(logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
-    """:func:`teacher_probs` written over ``logits`` (``N x K``, float32 or wider): ``softmax((t - c) / temp)``."""
-    probs = logits.sub_(center).div_(temp)
+def sharpen_in_place(logits: torch.Tensor, center: torch.Tensor, temp: float,
+                     scale: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`teacher_probs` written over ``logits`` (``N x K``, float32 or wider): ``softmax((t - c) / temp)``.
+
+    With ``scale`` (``1 x K``) the logits are ``logits * scale``, and the pass computes
+    ``logits * (scale / temp) - c / temp`` (one pass instead of two)."""
+    if scale is None:
+        probs = logits.sub_(center).div_(temp)
+    else:
+        probs = torch.addcmul(center / -temp, logits, scale / temp, out=logits)
     if probs.device.type == "cpu":  # row by row: one pass over memory, not four (see softmax_in_place)
         return softmax_in_place(probs)
     probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()  # elementwise in place: no second buffer
     return probs.div_(probs.sum(dim=-1, keepdim=True))
+
+
+def _scaled(row_sum: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """A ``1 x K`` sum of logit rows, times the logits' column factors when they come apart (see ``forward_sorted``)."""
+    return row_sum if scale is None else row_sum * scale
 
 
 def _stacked(views: tuple[torch.Tensor, torch.Tensor] | list[torch.Tensor] | torch.Tensor) -> torch.Tensor:

@@ -109,10 +109,35 @@ class DINOHead(nn.Module):
         b = images.shape[0]
         return linear(hidden[:b], self.last_layer.weight), linear(hidden[b:], layer.weight)
 
+    def forward_pair_with_scales(self, images: torch.Tensor, objects: torch.Tensor
+                                 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`forward_pair` without writing either normalised last-layer weight, for the teacher's head.
+
+        Returns ``((B x out_dim, 1 x out_dim), (M x object_out_dim, 1 x object_out_dim))``: each last
+        layer's product with its directions ``v`` and the per-output factors ``g / ||v||``, whose
+        product is :meth:`forward_pair`'s logits (equal up to float rounding). Writing ``w = g v / ||v||``
+        is a ``K x bottleneck_dim`` pass written and read back (4-5 ms per 65536-wide layer on two CPU
+        cores); the norms take one read of ``v``, and the caller folds the factors into a pass it makes
+        over the logits anyway (the teacher's centring and sharpening,
+        :func:`cribo.method.losses.sharpen_in_place`).
+        """
+        layer = self._object_layer()
+        hidden = self.bottleneck(torch.cat([images, objects]))
+        b = images.shape[0]
+        return _product_and_scale(hidden[:b], self.last_layer), _product_and_scale(hidden[b:], layer)
+
     def _object_layer(self) -> nn.Linear:
         if self.last_layer_obj is None:
             raise RuntimeError("this head has no object last layer; build it with object_out_dim=...")
         return self.last_layer_obj
+
+
+def _product_and_scale(hidden: torch.Tensor, layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """``N x D`` rows, a weight-normed ``K x D`` layer -> ``(hidden @ v^T, g^T / ||v||^T)``, ``N x K`` and ``1 x K``."""
+    weights = layer.parametrizations.weight
+    magnitude, direction = weights.original0, weights.original1  # g: K x 1, v: K x D (dim=0 weight norm)
+    scale = magnitude / torch.linalg.vector_norm(direction, dim=1, keepdim=True)
+    return linear(hidden, direction), scale.t()
 
 
 def cancel_last_layer_gradients(module: nn.Module, epoch: int, freeze_last_layer_epochs: int) -> None:

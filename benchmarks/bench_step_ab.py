@@ -15,9 +15,12 @@ Settings (``--setting``):
 - ``teacher-scales``: the teacher's last layers as products with ``v`` and column factors
   ``g / ||v||`` folded into the sharpening (:meth:`cribo.models.heads.DINOHead.forward_pair_with_scales`),
   or with the normalised weight written first (the factors are then ones; the sharpening is the
-  same single pass in both).
+  same single pass in both);
+- ``backbone-no-autograd``: the teacher backbone's products (no autograd) through oneDNN with the
+  MLP GELUs fused (:func:`cribo.models.backbones.onednn_without_autograd`), or through torch's
+  kernels (its modules back to their timm / torch classes).
 
-Usage: python benchmarks/bench_step_ab.py --setting onednn|explicit-attention|teacher-scales
+Usage: python benchmarks/bench_step_ab.py --setting onednn|explicit-attention|teacher-scales|backbone-no-autograd
        [--steps 10 --warmup 2 --threads 2]
 """
 
@@ -37,6 +40,7 @@ from cribo.train.host_memory import keep_freed_host_memory
 
 
 FEW_TOKENS = backbones.FEW_TOKENS  # the setting's "on" value
+SWAPPED: dict = {}  # teacher modules with a no-autograd kernel class, and that class
 
 
 def with_normalised_weights(head):
@@ -48,8 +52,17 @@ def with_normalised_weights(head):
     return forward_pair_with_scales
 
 
+def without_autograd_kernels(net) -> dict:
+    """The modules :func:`backbones.onednn_without_autograd` gave a class, with that class."""
+    kinds = (backbones._LinearWithoutAutogradKernel, backbones._MlpWithoutAutogradKernel)
+    return {module: type(module) for module in net.modules() if type(module) in kinds}
+
+
 def apply(setting: str, on: bool, teacher) -> None:
-    if setting == "onednn":
+    if setting == "backbone-no-autograd":
+        for module, kind in SWAPPED.items():
+            module.__class__ = kind if on else kind.__mro__[1]  # the timm / torch class it subclasses
+    elif setting == "onednn":
         fast_linear.ENABLED = on
     elif setting == "explicit-attention":
         backbones.FEW_TOKENS = FEW_TOKENS if on else 0
@@ -61,7 +74,7 @@ def apply(setting: str, on: bool, teacher) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setting", choices=["onednn", "explicit-attention", "teacher-scales"], required=True)
+    parser.add_argument("--setting", choices=["onednn", "explicit-attention", "teacher-scales", "backbone-no-autograd"], required=True)
     parser.add_argument("--steps", type=int, default=10, help="timed steps of each setting")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each setting first")
     parser.add_argument("--threads", type=int, default=2)
@@ -71,6 +84,7 @@ def main() -> None:
     config = argparse.Namespace(**bench.PRESETS["issue"], out_dim=65536, epoch=1, plain_adamw=False)
     student, teacher, loss_fn, bank, optimizer, settings = bench.build(config)
     pairs = list(zip(student.parameters(), teacher.parameters()))
+    SWAPPED.update(without_autograd_kernels(teacher.backbone))
     generator = torch.Generator().manual_seed(0)
 
     def step(on: bool) -> float:

@@ -114,3 +114,54 @@ def test_a_float32_step_with_onednn_matches_the_step_without(monkeypatch):
     for name, grad in plain_grads.items():
         scale = grad.abs().max().item()
         assert (fast_grads[name] - grad).abs().max().item() <= 1e-4 * scale + 1e-12, name
+
+
+@needs_onednn
+@pytest.mark.parametrize("gelu", [False, True])
+def test_products_without_autograd_within_the_float32_bound(gelu):
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(2, 37, 24, generator=g), torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
+    with torch.no_grad():
+        y = fast_linear.linear_without_autograd(x, w, b, gelu=gelu)
+    x64, w64, b64 = x.double(), w.double(), b.double()
+    exact = F.linear(x64, w64, b64)
+    bound = 24 * U * (x64.abs() @ w64.abs().T + b64.abs()) + 1e-12
+    if gelu:  # |GELU'| <= 1.13, plus GELU's own rounding (a few units in the last place)
+        exact, bound = F.gelu(exact), 1.13 * bound + 8 * U * F.gelu(exact).abs() + 1e-7
+    assert y.shape == (2, 37, 40)
+    assert_within_dot_bound(y, exact, bound)
+
+
+def test_products_without_autograd_refuse_inputs_that_want_a_gradient():
+    x = torch.randn(3, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        fast_linear.linear_without_autograd(x, torch.randn(5, 4))
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_vit_forward_without_autograd_equals_its_forward_with_autograd(monkeypatch, onednn):
+    """:func:`cribo.models.backbones.onednn_without_autograd`: same modules and keys, the same output (exactly
+    with torch's kernels, to float32 rounding with oneDNN's), and autograd untouched."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if onednn and not fast_linear.onednn_available():
+        pytest.skip("this torch build has no oneDNN")
+    monkeypatch.setattr(fast_linear, "ENABLED", onednn)
+    torch.manual_seed(0)
+    vit = build_vit({"arch": "vit_tiny", "patch_size": 16, "img_size": 32, "depth": 2})
+    plain = VisionTransformer(img_size=32, patch_size=16, num_classes=0, qkv_bias=True, dynamic_img_size=True,
+                              embed_dim=192, depth=2, num_heads=3)
+    assert list(vit.state_dict()) == list(plain.state_dict())
+    kinds = {type(m).__name__ for m in vit.modules()}
+    assert {"_LinearWithoutAutogradKernel", "_MlpWithoutAutogradKernel"} <= kinds and "Linear" not in kinds
+    images = torch.randn(3, 3, 32, 32)
+    with_grad = vit.forward_features(images)
+    with torch.no_grad():
+        without = vit.forward_features(images)
+    assert with_grad.requires_grad and not without.requires_grad
+    if onednn:
+        assert (with_grad - without).abs().max().item() < 1e-4
+    else:
+        assert torch.equal(with_grad, without)
+    with_grad.sum().backward()
+    assert all(p.grad is not None for p in vit.parameters() if p.requires_grad)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Mlp
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from cribo.models.archs import ARCHS  # noqa: F401  (re-exported: callers import it from here)
+from cribo.models.fast_linear import linear_without_autograd
 
 
 def build_backbone(model_cfg: dict, drop_path_rate: float | None = None) -> nn.Module:
@@ -50,7 +52,7 @@ def build_vit(model_cfg: dict, drop_path_rate: float | None = None) -> VisionTra
         drop_path_rate=model_cfg.get("drop_path_rate", 0.0) if drop_path_rate is None else drop_path_rate,
         **kwargs,
     )
-    return explicit_attention_for_few_tokens(vit)
+    return onednn_without_autograd(explicit_attention_for_few_tokens(vit))
 
 
 # At most this many tokens per image, CPU attention runs as explicit products (see below).
@@ -75,6 +77,47 @@ def explicit_attention_for_few_tokens(model: nn.Module) -> nn.Module:
         if isinstance(module, Attention):
             module.register_forward_pre_hook(_choose_attention_kernel)
     return model
+
+
+def onednn_without_autograd(model: nn.Module) -> nn.Module:
+    """Make the ``Linear`` layers and the timm ``Mlp`` blocks of ``model`` run, when called without
+    autograd (the teacher's forward, feature extraction), through
+    :func:`cribo.models.fast_linear.linear_without_autograd`: oneDNN's product on the CPU in
+    float32, with each MLP's GELU fused into its first product. Returns ``model``.
+
+    With autograd on, nothing changes (torch's kernels, as before). The modules keep their
+    parameters and state-dict keys: only their class becomes a subclass whose ``forward`` picks the
+    path per call. A ViT-Ti/16 forward of 32 images at 96 px, no gradient: 103 ms with torch's
+    kernels, 100 with oneDNN's products, 96.5 with the GELUs fused (medians of 15 alternating calls;
+    outputs within 4e-6 of each other).
+    """
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = _LinearWithoutAutogradKernel
+        elif (type(module) is Mlp and type(module.act) is nn.GELU and module.act.approximate == "none"
+              and isinstance(module.norm, nn.Identity) and isinstance(module.fc1, nn.Linear)):
+            module.__class__ = _MlpWithoutAutogradKernel
+    return model
+
+
+class _LinearWithoutAutogradKernel(nn.Linear):
+    """``nn.Linear``; without autograd, :func:`~cribo.models.fast_linear.linear_without_autograd` (see
+    :func:`onednn_without_autograd`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return super().forward(x)
+        return linear_without_autograd(x, self.weight, self.bias)
+
+
+class _MlpWithoutAutogradKernel(Mlp):
+    """timm's ``Mlp`` (exact GELU, no norm); without autograd, its GELU fused into ``fc1``'s product."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return super().forward(x)
+        hidden = self.drop1(linear_without_autograd(x, self.fc1.weight, self.fc1.bias, gelu=True))
+        return self.drop2(self.fc2(hidden))
 
 
 def _choose_attention_kernel(attention: nn.Module, args: tuple) -> None:

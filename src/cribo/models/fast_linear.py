@@ -17,10 +17,13 @@ ViT-Ti fc1 forward, 1184 x 192 -> 768            2.41     2.00
 ViT-Ti fc1 weight gradient                       2.17     2.98
 =============================================  =======  ======
 
-Only the last layers use it. Routing the backbone's and the head MLP's products through it too
-(ViT-Ti/16 at 96 px) measured no gain on a whole step (step time ratios 0.994 and 1.000, the two
-settings alternating in one process over 12 steps): their small products gain a few tenths of a
-millisecond each, about what the Python-level autograd function costs per call.
+Only the last layers use :func:`linear`. Routing the backbone's and the head MLP's products through
+it too (ViT-Ti/16 at 96 px) measured no gain on a whole step (step time ratios 0.994 and 1.000, the
+two settings alternating in one process over 12 steps): their small products gain a few tenths of a
+millisecond each, about what the Python-level autograd function costs per call. Without autograd
+(a teacher's forward, feature extraction) there is no such function: :func:`linear_without_autograd`
+calls the kernel directly and fuses a following GELU into it; the ViT backbones use it then
+(:func:`cribo.models.backbones.onednn_without_autograd`).
 
 torch itself routes float32 matrix products to oneDNN only in its reduced-precision modes
 (bf32 / tf32), which would change the numbers; this module keeps full float32 (the results
@@ -111,6 +114,26 @@ def uses_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             and x.dim() >= 2 and weight.dim() == 2 and x.numel() > 0
             and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
             and not torch.is_autocast_enabled("cpu"))
+
+
+def linear_without_autograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                            gelu: bool = False) -> torch.Tensor:
+    """``x @ W^T + b``, then the exact (erf) GELU if ``gelu`` (``... x I, O x I, O -> ... x O``), for calls
+    that record no gradient (``torch.no_grad`` / ``inference_mode``: a teacher, feature extraction).
+
+    Through oneDNN where :func:`uses_onednn`, the GELU fused into the product (one pass over the
+    output fewer), with no autograd function around it; torch's kernels otherwise. oneDNN keeps a
+    primitive per shape: meant for products whose row count is fixed (a backbone's tokens per batch).
+    """
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        raise RuntimeError("linear_without_autograd records no gradient; call it under torch.no_grad()")
+    if not uses_onednn(x, weight, bias):
+        out = F.linear(x, weight, bias)
+        return F.gelu(out) if gelu else out
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "gelu" if gelu else "none", [],
+                                             "none" if gelu else "")
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -40,7 +40,6 @@ from cribo.train.host_memory import keep_freed_host_memory
 
 
 FEW_TOKENS = backbones.FEW_TOKENS  # the setting's "on" value
-SWAPPED: dict = {}  # teacher modules with a no-autograd kernel class, and that class
 
 
 def with_normalised_weights(head):
@@ -58,9 +57,10 @@ def without_autograd_kernels(net) -> dict:
     return {module: type(module) for module in net.modules() if type(module) in kinds}
 
 
-def apply(setting: str, on: bool, teacher) -> None:
+def apply(setting: str, on: bool, teacher, swapped: dict) -> None:
+    """``swapped``: :func:`without_autograd_kernels` of the teacher's backbone, taken once."""
     if setting == "backbone-no-autograd":
-        for module, kind in SWAPPED.items():
+        for module, kind in swapped.items():
             module.__class__ = kind if on else kind.__mro__[1]  # the timm / torch class it subclasses
     elif setting == "onednn":
         fast_linear.ENABLED = on
@@ -84,11 +84,11 @@ def main() -> None:
     config = argparse.Namespace(**bench.PRESETS["issue"], out_dim=65536, epoch=1, plain_adamw=False)
     student, teacher, loss_fn, bank, optimizer, settings = bench.build(config)
     pairs = list(zip(student.parameters(), teacher.parameters()))
-    SWAPPED.update(without_autograd_kernels(teacher.backbone))
+    swapped = without_autograd_kernels(teacher.backbone)
     generator = torch.Generator().manual_seed(0)
 
     def step(on: bool) -> float:
-        apply(args.setting, on, teacher)
+        apply(args.setting, on, teacher, swapped)
         start = time.perf_counter()
         views, positions = bench.synthetic_views(config.batch, config.img, generator)
         out = cribo_step(student, teacher, loss_fn, bank, views, positions, config.epoch, settings)

@@ -104,10 +104,8 @@ class DINOHead(nn.Module):
     def forward_pair(self, images: torch.Tensor, objects: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(forward(images), forward_objects(objects))`` with one MLP pass over both:
         ``B x D_in, M x D_in -> B x out_dim, M x object_out_dim``."""
-        layer = self._object_layer()
-        hidden = self.bottleneck(torch.cat([images, objects]))  # cat promotes (e.g. bf16 [CLS], fp32 objects)
-        b = images.shape[0]
-        return linear(hidden[:b], self.last_layer.weight), linear(hidden[b:], layer.weight)
+        image_rows, object_rows = self._pair_bottleneck(images, objects)
+        return linear(image_rows, self.last_layer.weight), linear(object_rows, self._object_layer().weight)
 
     def forward_pair_with_scales(self, images: torch.Tensor, objects: torch.Tensor
                                  ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -121,10 +119,14 @@ class DINOHead(nn.Module):
         over the logits anyway (the teacher's centring and sharpening,
         :func:`cribo.method.losses.sharpen_in_place`).
         """
-        layer = self._object_layer()
-        hidden = self.bottleneck(torch.cat([images, objects]))
-        b = images.shape[0]
-        return _product_and_scale(hidden[:b], self.last_layer), _product_and_scale(hidden[b:], layer)
+        image_rows, object_rows = self._pair_bottleneck(images, objects)
+        return _product_and_scale(image_rows, self.last_layer), _product_and_scale(object_rows, self._object_layer())
+
+    def _pair_bottleneck(self, images: torch.Tensor, objects: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MLP pass over both row sets: ``B x D_in, M x D_in -> B x bottleneck_dim, M x bottleneck_dim``."""
+        self._object_layer()  # a head without an object layer fails before any work
+        hidden = self.bottleneck(torch.cat([images, objects]))  # cat promotes (e.g. bf16 [CLS], fp32 objects)
+        return hidden[:images.shape[0]], hidden[images.shape[0]:]
 
     def _object_layer(self) -> nn.Linear:
         if self.last_layer_obj is None:

@@ -16,7 +16,13 @@ Nothing of the official repository is part of this project: ``--official`` point
 Step times come from the loader: the time between two batches handed out is one whole step (forward, backward,
 AdamW, EMA and the official logging), the last one ends when ``train_one_epoch`` returns.
 
+``--keep-freed-host-memory`` gives the official process the glibc setting our trainer makes by default
+(:func:`cribo.train.host_memory.keep_freed_host_memory`: freed blocks stay in the heap, so a step does not
+page-fault its ``rows x 65536`` tensors afresh). Without it the official code runs as it would on its own; with it
+the two steps differ by their code only (the like-for-like comparison).
+
 Usage: python benchmarks/bench_official_step.py --official /path/to/CrIBo [--preset issue] [--steps 5 --warmup 2]
+       [--keep-freed-host-memory]
 """
 
 from __future__ import annotations
@@ -72,9 +78,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--keep-freed-host-memory", action="store_true",
+                        help="the glibc setting our trainer makes (cribo.train.host_memory), for a like-for-like run")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     torch.set_num_threads(args.threads)
+    allocator = "glibc default"
+    if args.keep_freed_host_memory:
+        from cribo.train.host_memory import keep_freed_host_memory
+
+        if not keep_freed_host_memory():
+            sys.exit("--keep-freed-host-memory: this C library has no glibc mallopt; run without the flag")
+        allocator = "freed memory kept (our trainer's setting)"
 
     official_dir = Path(args.official).resolve()
     if not (official_dir / "main_cribo.py").is_file():
@@ -141,7 +156,7 @@ def main() -> None:
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"official, preset {args.preset}: {preset['arch']}/16, {size} px, batch {preset['batch']}, "
           f"K {preset['clusters']}, queue {queue} images, heads {args.out_dim}, epoch {args.epoch}, "
-          f"{args.threads} threads")
+          f"{args.threads} threads, host allocator: {allocator}")
     print(f"cycle-consistent {stats['bootstrap_centroid_ratio']:.2f} (mean over all steps), "
           f"loss {stats['d_loss'] + stats['s_loss'] + stats['nn_loss']:.4f} (mean)")
     print(f"images/s {preset['batch'] * len(step_seconds) / sum(step_seconds):.2f}  "

@@ -131,6 +131,26 @@ def param_groups(model: torch.nn.Module) -> list[dict]:
     return Method.param_groups(SimpleNamespace(student=model, cfg={"optim": {"decay_all_parameters": False}}))
 
 
+# the kernels of every matrix product a step runs (torch's own and the oneDNN inner products of fast_linear)
+MATMUL_KERNELS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise"})
+
+
+def profile_matmuls(train_step, steps: int) -> tuple[float, float]:
+    """``(ms in matrix-product kernels, ms in all)`` per step over ``steps`` profiled calls of ``train_step``.
+
+    Wall time per step includes the profiler's overhead; the products' self time is that of the kernels, which
+    the profiler barely slows: their sum is the step's floor at these kernels' speed, whatever else is fused."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            train_step()
+        elapsed = time.perf_counter() - start
+    matmul_us = sum(event.self_cpu_time_total for event in prof.key_averages() if event.key in MATMUL_KERNELS)
+    return matmul_us / 1000 / steps, elapsed * 1000 / steps
+
+
 def build(args):
     model_cfg = {"arch": args.arch, "patch_size": 16, "img_size": args.img}
 
@@ -175,6 +195,9 @@ def main() -> None:
     parser.add_argument("--count-flops", action="store_true",
                         help="after the timed steps, count one step's FLOPs (torch's FlopCounterMode: matmuls, "
                              "convolutions and attention, forward and backward) and the rate the median step achieved")
+    parser.add_argument("--profile-matmuls", type=int, default=0, metavar="STEPS",
+                        help="after the timed steps, run STEPS more under torch's profiler and print the time per step "
+                             "in matrix-product kernels (the step's floor) against the rest")
     args = parser.parse_args()
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
@@ -189,7 +212,7 @@ def main() -> None:
     clock = PhaseClock()
     for net in (student, teacher):
         clock.wrap(net.backbone, "forward_features", "backbone")
-        for name in ("forward", "forward_objects", "forward_pair"):
+        for name in ("forward", "forward_objects", "forward_pair", "forward_pair_with_scales"):
             clock.wrap(net.head, name, "heads")
     clock.wrap(cribo_module, "joint_view_clustering", "clustering")
     clock.wrap(bank, "retrieve", "bank")
@@ -260,6 +283,15 @@ def main() -> None:
         gflop = counter.get_total_flops() / 1e9
         print(f"FLOPs per step (forward + backward, counted ops): {gflop:.1f} GFLOP; at the median step "
               f"{gflop / statistics.median(step_seconds):.1f} GFLOP/s")
+    if args.profile_matmuls:
+        def train_step():
+            one_step()
+            optimizer.step()
+            engine.update_teacher(zip(student.parameters(), teacher.parameters()), momentum)
+
+        matmul_ms, step_ms = profile_matmuls(train_step, args.profile_matmuls)
+        print(f"matrix products {matmul_ms:.0f} ms/step, everything else {step_ms - matmul_ms:.0f} ms/step "
+              f"(torch profiler over {args.profile_matmuls} steps of {step_ms:.0f} ms: its own overhead included)")
 
 
 if __name__ == "__main__":

@@ -13,11 +13,13 @@ pitfall in ``workflow.md`` §2.3).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from importlib import metadata
@@ -450,6 +452,41 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | os.PathLike):
+    """Yield a new empty directory next to ``out`` to fill; when the block ends without an error it
+    replaces ``out`` (one rename), otherwise it is removed and ``out`` is left as it was."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():  # left by an earlier process of the same pid that was killed
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def save_figure(fig, out: str | os.PathLike, **savefig_kwargs) -> Path:
+    """Save a matplotlib figure to ``out`` through a temporary file and a rename, then close it."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")  # the suffix tells savefig the format
+    try:
+        fig.savefig(tmp, **savefig_kwargs)
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return out
 
 
 def write_run_config(cfg: dict, path: str | os.PathLike) -> None:

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cribo.config import atomic_directory
+
 MARKER = ".prepared.json"
 
 
@@ -71,11 +73,8 @@ def write_image_folder(toy_root: str | Path, out: str | Path, percents=(1, 10)) 
             return done
     first_object = len(meta["stuff_classes"])
     classes = meta["classes"]
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     counts, skipped = {}, []
-    try:
+    with atomic_directory(out) as tmp:
         for split in ("train", "val"):
             ids = (toy_root / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
             by_class: dict[str, list[str]] = {}
@@ -101,10 +100,4 @@ def write_image_folder(toy_root: str | Path, out: str | Path, percents=(1, 10)) 
         summary = {"settings": settings, "classes": sorted(counts["train"]), "images": counts,
                    "images_without_an_object": skipped}
         (tmp / MARKER).write_text(json.dumps(summary, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return summary

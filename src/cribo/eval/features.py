@@ -34,7 +34,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from cribo.config import provenance
+from cribo.config import atomic_directory, provenance
 from cribo.data.registry import DatasetSpec
 from cribo.data.segmentation import IMAGENET_MEAN, IMAGENET_STD, ResizePair, segmentation_dataset
 from cribo.eval.incontext import patch_label_counts
@@ -274,11 +274,7 @@ def extract_to_disk(backbone: PatchFeatureExtractor, spec: DatasetSpec, root: st
 def _assemble(partial: Path, shards: list[range], out_dir: Path, meta: dict, dim: int, classes: int, size: int):
     total = shards[-1].stop if shards else 0
     n = total and np.load(partial / "shard-00000.npz")["features"].shape[1]
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out_dir) as tmp:
         arrays = {
             "features": np.lib.format.open_memmap(tmp / "features.npy", "w+", np.float16, (total, n, dim)),
             "label_counts": np.lib.format.open_memmap(tmp / "label_counts.npy", "w+", np.uint16, (total, n, classes)),
@@ -292,12 +288,6 @@ def _assemble(partial: Path, shards: list[range], out_dir: Path, meta: dict, dim
             array.flush()
         del arrays
         (tmp / "meta.json").write_text(json.dumps({**meta, "provenance": provenance()}, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def load_store(path: str | Path) -> FeatureStore:

@@ -15,7 +15,6 @@ Both write PNGs through a temporary file and a rename.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -26,6 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from cribo.config import save_figure  # noqa: E402
 from cribo.eval.incontext import _propagate, build_index, predict_label_maps, select_memory  # noqa: E402
 from cribo.method.clustering import joint_view_clustering  # noqa: E402
 
@@ -53,13 +53,7 @@ def colourise(labels: np.ndarray, num_classes: int, ignore_index: int = 255) -> 
 
 
 def _save(fig, out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return save_figure(fig, out, dpi=110, bbox_inches="tight")
 
 
 def incontext_predictions(train, val, indices: list[int], *, k: int = 30, temperature: float = 0.02,

@@ -13,8 +13,6 @@ evaluations read two stores (trainval and test) instead of re-running the backbo
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from cribo.config import provenance
+from cribo.config import atomic_directory, provenance
 from cribo.data.segmentation import IMAGENET_MEAN, IMAGENET_STD, load_rgb
 from cribo.data.voc07 import MultiLabelSet
 from cribo.eval.features import _prefetched
@@ -65,22 +63,12 @@ def extract_global(backbone, images: MultiLabelSet, image_size: int, batch_size:
 
 def write_global_store(out_dir: str | Path, features: np.ndarray, images: MultiLabelSet, meta: dict) -> Path:
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out_dir) as tmp:
         np.save(tmp / "features.npy", features.astype(np.float32))
         np.save(tmp / "labels.npy", images.labels.astype(np.int8))
         full = {**meta, "ids": images.ids, "class_names": list(images.class_names),
                 "feature_dim": int(features.shape[1]), "num_images": len(images.ids), "provenance": provenance()}
         (tmp / "meta.json").write_text(json.dumps(full, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out_dir
 
 

@@ -189,7 +189,7 @@ class CrIBoLoss(nn.Module):
         # each teacher row and the student row it teaches: view 2's teacher teaches view 1's
         # student and conversely; the neighbours of a view-1 object teach its view-2 vector and conversely
         teachers, rows = [teacher_obj[1], teacher_obj[0]], [own, own + m]
-        n1 = n2 = 0
+        n1 = 0
         if use_bank:
             # M or M x k masks as M x k (reshape(m, -1) is ambiguous when a batch has no object, m = 0)
             c1, c2 = (c if c.dim() == 2 else c[:, None] for c in cycle)
@@ -197,7 +197,7 @@ class CrIBoLoss(nn.Module):
             if not neighbours_selected:
                 nn1 = nn1.reshape(*c1.shape, nn1.shape[-1])[c1]
                 nn2 = nn2.reshape(*c2.shape, nn2.shape[-1])[c2]
-            n1, n2 = int(c1.sum()), int(c2.sum())
+            n1 = int(c1.sum())
             teachers += [nn1, nn2]
             rows += [c1.nonzero()[:, 0] + m, c2.nonzero()[:, 0]]
         h = self._cross_entropies(student, teachers, rows, self.center_obj, temp, self.student_temp)

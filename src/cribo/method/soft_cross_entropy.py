@@ -16,7 +16,6 @@ backward pass writes the gradient in the same blocks.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from cribo.method.dtypes import at_least_fp32
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cribo.config import atomic_write_text
+from cribo.config import atomic_write_text, save_figure
 
 
 def read_steps(pretrain_dir: str | Path) -> pd.DataFrame:
@@ -46,8 +46,6 @@ def write_curves(runs: dict[str, str | Path], out: str | Path, metric: str = "lo
 
 def plot_curves(frame: pd.DataFrame, png: str | Path, metric: str = "loss") -> Path:
     """One line per run (``frame``: step x runs), written atomically as a PNG."""
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,9 +62,4 @@ def plot_curves(frame: pd.DataFrame, png: str | Path, metric: str = "loss") -> P
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    png = Path(png)
-    tmp = png.with_name(png.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png)
-    return png
+    return save_figure(fig, png)

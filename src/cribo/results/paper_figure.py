@@ -9,11 +9,11 @@ dataset as an open marker and ours as a filled one.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from cribo.config import save_figure
 from cribo.results.paper_tables import FRACTION_LABELS, SECTIONS, format_epochs, build_paper_table
 
 DATASET_MARKERS = {"Pascal Context": "o", "Pascal VOC": "s", "COCO-Stuff-164K": "^", "ADE20K": "D"}
@@ -89,9 +89,4 @@ def draw_cribo_tables(rows: list[dict], paper: dict, png: str | Path) -> Path:
             _dataset_panel(ax, frame, title)
     fig.suptitle("CrIBo Tables 1-3: published (CrIBo paper) and ours on the same rows")
     fig.tight_layout()
-    png = Path(png)
-    tmp = png.with_name(png.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png)
-    return png
+    return save_figure(fig, png)

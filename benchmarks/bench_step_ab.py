@@ -66,10 +66,13 @@ def apply(setting: str, on: bool, teacher, swapped: dict) -> None:
         fast_linear.ENABLED = on
     elif setting == "explicit-attention":
         backbones.FEW_TOKENS = FEW_TOKENS if on else 0
-    elif on:
-        teacher.head.__dict__.pop("forward_pair_with_scales", None)  # the class's method again
+    elif setting == "teacher-scales":
+        if on:
+            teacher.head.__dict__.pop("forward_pair_with_scales", None)  # the class's method again
+        else:
+            teacher.head.forward_pair_with_scales = with_normalised_weights(teacher.head)
     else:
-        teacher.head.forward_pair_with_scales = with_normalised_weights(teacher.head)
+        raise ValueError(f"unknown setting {setting!r}")
 
 
 def main() -> None:
